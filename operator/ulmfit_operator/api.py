@@ -1,0 +1,199 @@
+"""The ULMFiTJob API: spec and status models, the one source of the CRD schema.
+
+Field docstrings become the CRD's descriptions (see `crd.py`), defaults become its defaults, and
+validation messages name the wire (camelCase) path of the field and the value that was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from ulmfit_trainer.config import (
+    DataSpec,
+    DeepSpeedSpec,
+    ModelSpec,
+    StagesSpec,
+    StorageSpec,
+    TokenizerSpec,
+    WireModel,
+)
+from ulmfit_trainer.errors import InvalidSpec
+
+GROUP = "ulmfit.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ULMFiTJob"
+PLURAL = "ulmfitjobs"
+SINGULAR = "ulmfitjob"
+SHORT_NAMES = ["ulmfit", "uj"]
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/ulmfit-operator/trainer:0.1.0"
+
+# Kubernetes quantities: plain or suffixed numbers such as "500m", "2", "8Gi".
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+
+
+class ResourcesSpec(WireModel):
+    """What each training stage runs on."""
+
+    workers: Annotated[int, Field(ge=1, le=1024)] = 1
+    """Pods (nodes) per distributed stage; the first is the PyTorchJob master."""
+    processes_per_worker: Annotated[int, Field(ge=1, le=64)] = 1
+    """Training processes per pod (torchrun `--nproc-per-node`); on GPU usually one per GPU."""
+    gpus_per_worker: Annotated[int, Field(ge=0, le=64)] = 0
+    """GPUs requested per pod (`nvidia.com/gpu`). 0 trains on CPU with gloo."""
+    cpu: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "2"
+    """CPU request and limit per pod (a Kubernetes quantity)."""
+    memory: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "8Gi"
+    """Memory request and limit per pod (a Kubernetes quantity)."""
+    image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_TRAINER_IMAGE
+    """Trainer container image (the Dockerfile's `trainer` target)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Kubernetes image pull policy for trainer pods."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels trainer pods must match (e.g. a GPU node pool)."""
+
+    @model_validator(mode="after")
+    def _processes_fit_gpus(self) -> ResourcesSpec:
+        if self.gpus_per_worker and self.processes_per_worker > self.gpus_per_worker:
+            raise ValueError(
+                f"processesPerWorker {self.processes_per_worker} exceeds gpusPerWorker "
+                f"{self.gpus_per_worker}: one training process per GPU at most"
+            )
+        return self
+
+
+class RunPolicySpec(WireModel):
+    """Retries, deadlines and clean-up, as in Kubeflow's run policy."""
+
+    backoff_limit: Annotated[int, Field(ge=0, le=100)] = 3
+    """Failed attempts allowed per stage before the job fails; each retry resumes from the
+    stage's latest checkpoint."""
+    active_deadline_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Fail the job when it has been running longer than this (seconds). Default: no limit."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Delete the finished job (and its children) this many seconds after it ends. Checkpoints
+    and the exported model stay in the store. Default: keep."""
+    progress_deadline_seconds: Annotated[int, Field(ge=30)] = 1800
+    """A running stage whose `progress.json` has not changed for this long counts as stuck and is
+    restarted (uses one attempt of `backoffLimit`)."""
+    suspend: bool = False
+    """Suspend the job: running children are deleted, checkpoints kept; set back to false to
+    resume from the last checkpoint."""
+
+
+class ULMFiTJobSpec(WireModel):
+    """A ULMFiT text classifier: data, model, the stages to run and where they run."""
+
+    data: DataSpec = Field(default_factory=DataSpec)
+    """Training, validation, test and unlabeled text."""
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    """The language-model backbone."""
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    """The tokenizer (trained on the corpus when none is given)."""
+    stages: StagesSpec = Field(default_factory=StagesSpec)
+    """The ULMFiT stages and their hyperparameters."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """Pods, processes and GPUs per training stage."""
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    """DeepSpeed settings shared by every training stage."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """Checkpoint and artifact storage."""
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
+    """Retries, deadlines, suspension and clean-up."""
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
+    """Seed for sampling, shuffling and initialization: the same spec trains the same model."""
+
+    @model_validator(mode="after")
+    def _sequences_fit_the_model(self) -> ULMFiTJobSpec:
+        context = self.model.architecture.context_length
+        if self.model.pretrained is None and self.data.max_length > context:
+            raise ValueError(
+                f"data.maxLength {self.data.max_length} exceeds "
+                f"model.architecture.contextLength {context}"
+            )
+        return self
+
+
+class Metadata(WireModel):
+    """The subset of ObjectMeta the runners read."""
+
+    model_config = {**WireModel.model_config, "extra": "ignore"}
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    """Job name (a DNS label: children are named after it)."""
+    namespace: str = "default"
+    """Namespace of the job."""
+
+
+class ULMFiTJob(WireModel):
+    """A whole `ULMFiTJob` document as `kubectl apply` takes it."""
+
+    model_config = {**WireModel.model_config, "extra": "ignore"}
+
+    api_version: Literal["ulmfit.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["ULMFiTJob"] = KIND
+    metadata: Metadata
+    spec: ULMFiTJobSpec = Field(default_factory=ULMFiTJobSpec)
+
+    @property
+    def run_id(self) -> str:
+        """Where this job's objects live in the store: `<namespace>/<name>`."""
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+class StageState(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SKIPPED = "Skipped"
+
+
+def parse_job(document: Mapping[str, Any]) -> ULMFiTJob:
+    """Validate one ULMFiTJob document; every problem names its field path and value."""
+    try:
+        return ULMFiTJob.model_validate(document)
+    except ValidationError as error:
+        raise InvalidSpec([_problem(item) for item in error.errors()]) from None
+
+
+def parse_spec(spec: Mapping[str, Any]) -> ULMFiTJobSpec:
+    """Validate a bare spec (what the operator reads from the cluster object)."""
+    try:
+        return ULMFiTJobSpec.model_validate(spec)
+    except ValidationError as error:
+        raise InvalidSpec([_problem(item, prefix="spec") for item in error.errors()]) from None
+
+
+def load_job_file(text: str) -> ULMFiTJob:
+    """Pick the ULMFiTJob out of a (possibly multi-document) YAML file and validate it.
+
+    Other documents (a Secret for the store, say) are ignored, so one file serves both
+    `kubectl apply -f` and `ulmfit run`.
+    """
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as error:
+        raise InvalidSpec([("", "<yaml>", f"not valid YAML: {error}")]) from None
+    jobs = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == KIND]
+    if len(jobs) != 1:
+        kinds = [doc.get("kind") if isinstance(doc, dict) else type(doc).__name__ for doc in documents]
+        raise InvalidSpec([("kind", kinds, f"expected exactly one {KIND} document")])
+    return parse_job(jobs[0])
+
+
+def _problem(item: Any, prefix: str = "") -> tuple[str, object, str]:
+    path = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+    message = item["msg"].removeprefix("Value error, ")
+    value = item.get("input")
+    if item["type"] == "extra_forbidden":
+        message = "unknown field"
+    if item["type"] == "missing":
+        value = None
+    return path, value, message

@@ -1,0 +1,150 @@
+"""`ulmfit`: run a ULMFiTJob locally, validate and plan it, render the CRD, run the operator."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from ulmfit_trainer.errors import InvalidSpec, UlmfitError
+
+from ulmfit_operator.api import ULMFiTJob, load_job_file
+
+EXIT_INVALID_SPEC = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    help="ULMFiT text classifiers: one YAML for `kubectl apply` and for this machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+JobFile = Annotated[
+    Path, typer.Argument(help="A ULMFiTJob YAML (the same file `kubectl apply -f` takes).")
+]
+
+
+def _load(path: Path) -> ULMFiTJob:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        errors.print(f"[red]error:[/] cannot read {path}: {error.strerror}")
+        raise typer.Exit(EXIT_INVALID_SPEC) from None
+    try:
+        return load_job_file(text)
+    except InvalidSpec as error:
+        errors.print(f"[red]invalid ULMFiTJob[/] {path}:")
+        for field, value, message in error.problems:
+            errors.print(f"  {field or '(document)'}: {message} (got {value!r})", highlight=False)
+        raise typer.Exit(EXIT_INVALID_SPEC) from None
+
+
+@app.command()
+def run(
+    job_file: JobFile,
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Where the store, logs and result.json go. Default: runs/<job name>."),
+    ] = None,
+    nproc: Annotated[int, typer.Option(min=1, help="Training processes per stage.")] = 2,
+) -> None:
+    """Run every stage of the job on this machine; a rerun resumes where the last one stopped."""
+    from ulmfit_operator.local import Interrupted, LocalRunner, StageFailed, result_table
+
+    job = _load(job_file)
+    workdir = workdir or Path("runs") / job.metadata.name
+    try:
+        runner = LocalRunner(job, workdir, nproc=nproc, console=console)
+        result = runner.run()
+    except StageFailed as failure:
+        errors.print(f"[red]✗ {failure}[/]")
+        for line in failure.tail:
+            errors.print(f"  {line}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    except Interrupted as stop:
+        errors.print(f"[yellow]{stop}[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except UlmfitError as error:
+        errors.print(f"[red]error:[/] {error}")
+        raise typer.Exit(EXIT_FAILED) from None
+    console.print(result_table(result))
+    test = result.test
+    if "accuracy" in test:
+        baseline = result.majority_baseline
+        console.print(
+            f"test accuracy [bold]{test['accuracy']:.3f}[/]"
+            + (f" (majority baseline {baseline:.3f})" if baseline is not None else "")
+            + (f", macro-F1 {test['macro_f1']:.3f}" if "macro_f1" in test else "")
+        )
+    console.print(f"model: {result.model}\nresult: {Path(result.workdir) / 'result.json'}")
+
+
+@app.command()
+def validate(job_file: JobFile) -> None:
+    """Check a ULMFiTJob file and print it with every default filled in."""
+    job = _load(job_file)
+    console.print_json(json.dumps(job.to_wire()))
+
+
+@app.command()
+def plan(job_file: JobFile) -> None:
+    """Show the stages the job will run, in order, and what each starts from."""
+    from ulmfit_operator.plan import make_plan
+
+    job = _load(job_file)
+    planned = make_plan(job, store_root="<store>")
+    for index, stage in enumerate(planned.stages, 1):
+        origin = stage.depends_on or job.spec.model.pretrained or "random initialization"
+        where = "distributed" if stage.distributed else "single process"
+        console.print(f"{index}. {stage.name:<11} starts from {origin}  ({where})")
+
+
+@app.command()
+def reference() -> None:
+    """Print the ULMFiTJob field reference (Markdown), generated from the API models."""
+    from ulmfit_operator.reference import render_reference
+
+    sys.stdout.write(render_reference())
+
+
+@app.command()
+def crd() -> None:
+    """Print the ULMFiTJob CustomResourceDefinition (YAML), rendered from the API models."""
+    from ulmfit_operator.crd import render_crd_yaml
+
+    sys.stdout.write(render_crd_yaml())
+
+
+@app.command()
+def operator(
+    namespace: Annotated[
+        str | None, typer.Option(help="Watch only this namespace. Default: all namespaces.")
+    ] = None,
+    standalone: Annotated[
+        bool, typer.Option(help="Skip peering (only when exactly one replica runs).")
+    ] = False,
+    metrics_port: Annotated[int, typer.Option(help="Port of /metrics (0: off).")] = 8080,
+    health_port: Annotated[int, typer.Option(help="Port of /healthz (0: off).")] = 8081,
+) -> None:
+    """Run the controller (what the operator Deployment runs)."""
+    from ulmfit_operator.handlers import run_operator
+
+    run_operator(
+        namespace=namespace, standalone=standalone,
+        metrics_port=metrics_port, health_port=health_port,
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Runs a Plan on this machine: each stage a torchrun subprocess, the same store layout.
+
+A stage whose final checkpoint is already committed in the store is not run again, and a stage
+that was interrupted resumes from its latest checkpoint (the trainer does that by itself), so
+rerunning `ulmfit run` after Ctrl-C or a crash continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from ulmfit_trainer.errors import PermanentError, UlmfitError
+from ulmfit_trainer.store import CheckpointStore, open_store
+
+from ulmfit_operator.api import ULMFiTJob
+from ulmfit_operator.plan import Plan, PlannedStage, make_plan
+
+PROGRESS_PREFIX = "@progress "
+LOG_TAIL_LINES = 30
+STOP_GRACE_SECONDS = 15.0
+
+
+class StageFailed(UlmfitError):
+    def __init__(self, stage: str, returncode: int, log_path: Path, tail: list[str]):
+        self.stage, self.returncode, self.log_path, self.tail = stage, returncode, log_path, tail
+        super().__init__(f"stage {stage} failed with exit code {returncode}; log: {log_path}")
+
+
+class Interrupted(UlmfitError):
+    """The user stopped the run; everything committed so far is kept for the next run."""
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    state: str  # "succeeded" | "cached" | "failed"
+    duration_seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass
+class RunResult:
+    job: str
+    workdir: str
+    store: str
+    stages: list[StageOutcome]
+    test: dict[str, Any]
+    majority_baseline: float | None
+    model: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "workdir": self.workdir,
+            "store": self.store,
+            "stages": [
+                {
+                    "name": s.name,
+                    "state": s.state,
+                    "durationSeconds": round(s.duration_seconds, 2),
+                    "metrics": s.metrics,
+                    "checkpoint": s.checkpoint,
+                }
+                for s in self.stages
+            ],
+            "test": self.test,
+            "majorityBaseline": self.majority_baseline,
+            "model": self.model,
+        }
+
+
+def store_root_for(job: ULMFiTJob, workdir: Path) -> str:
+    s3 = job.spec.storage.s3
+    if s3 is not None:
+        return f"s3://{s3.bucket}/{s3.prefix}".rstrip("/")
+    return str((workdir / "store").resolve())
+
+
+class LocalRunner:
+    def __init__(
+        self,
+        job: ULMFiTJob,
+        workdir: Path,
+        nproc: int = 2,
+        console: Console | None = None,
+        python: str = sys.executable,
+    ):
+        if nproc < 1:
+            raise PermanentError(f"--nproc must be at least 1 (got {nproc})")
+        self.job = job
+        self.workdir = workdir.resolve()
+        self.nproc = nproc
+        self.console = console or Console()
+        self.python = python
+        self.store_root = store_root_for(job, self.workdir)
+        self.plan: Plan = make_plan(job, self.store_root, job.spec.storage.s3)
+        self.checkpoints = CheckpointStore(
+            open_store(self.store_root, job.spec.storage.s3), job.run_id
+        )
+
+    def run(self) -> RunResult:
+        for sub in ("configs", "logs"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        outcomes = [self._run_stage(stage) for stage in self.plan.stages]
+        evaluation = outcomes[-1].metrics
+        result = RunResult(
+            job=self.job.run_id,
+            workdir=str(self.workdir),
+            store=self.store_root,
+            stages=outcomes,
+            test=evaluation,
+            majority_baseline=evaluation.get("majority_baseline"),
+            model=evaluation.get("model_uri"),
+        )
+        (self.workdir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        return result
+
+    def _finished(self, stage: PlannedStage) -> StageOutcome | None:
+        latest = self.checkpoints.latest(stage.name)
+        if latest is None or not latest.meta.get("final"):
+            return None
+        return StageOutcome(
+            name=stage.name,
+            state="cached",
+            duration_seconds=float(latest.meta.get("durationSeconds", 0.0)),
+            metrics=dict(latest.meta.get("metrics", {})),
+            checkpoint=latest.uri,
+        )
+
+    def _run_stage(self, stage: PlannedStage) -> StageOutcome:
+        cached = self._finished(stage)
+        if cached is not None:
+            self.console.print(f"[green]✓[/] {stage.name}: already finished, reusing {cached.checkpoint}")
+            return cached
+        config_path = self.workdir / "configs" / f"{stage.name}.json"
+        stage.config.write(config_path)
+        log_path = self.workdir / "logs" / f"{stage.name}.log"
+        nproc = self.nproc if stage.distributed else 1
+        command = [
+            self.python, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m", "ulmfit_trainer", stage.name, "--config", str(config_path),
+        ]
+        self.console.print(f"[bold]▶ {stage.name}[/] ({nproc} process{'es' if nproc > 1 else ''})")
+        started = time.monotonic()
+        returncode, tail = self._supervise(command, stage.name, log_path)
+        duration = time.monotonic() - started
+        if returncode != 0:
+            raise StageFailed(stage.name, returncode, log_path, tail)
+        finished = self._finished(stage)
+        if finished is None:
+            raise StageFailed(stage.name, returncode, log_path,
+                              [*tail, "the stage exited 0 but committed no final checkpoint"])
+        finished.state, finished.duration_seconds = "succeeded", duration
+        self.console.print(f"[green]✓[/] {stage.name} in {duration:.0f}s {_brief(finished.metrics)}")
+        return finished
+
+    def _supervise(self, command: list[str], stage: str, log_path: Path) -> tuple[int, list[str]]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        with log_path.open("a") as log, _progress_display(self.console) as progress:
+            task = progress.add_task(stage, total=None, status="starting")
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                start_new_session=True, cwd=self.workdir,
+            )
+            try:
+                assert process.stdout is not None
+                _follow(process.stdout, log, tail, progress, task)
+                return process.wait(), list(tail)
+            except KeyboardInterrupt:
+                _stop(process)
+                raise Interrupted(
+                    f"stopped during {stage}; committed checkpoints are kept — "
+                    "run the same command again to resume"
+                ) from None
+            finally:
+                if process.poll() is None:
+                    _stop(process)
+
+
+def _follow(stream: IO[str], log: IO[str], tail: deque[str], progress: Progress, task: Any) -> None:
+    for line in stream:
+        if line.startswith(PROGRESS_PREFIX):
+            try:
+                report = json.loads(line[len(PROGRESS_PREFIX):])
+            except json.JSONDecodeError:
+                report = None
+            if isinstance(report, dict):
+                _show(progress, task, report)
+                continue
+        log.write(line)
+        tail.append(line.rstrip("\n"))
+
+
+def _show(progress: Progress, task: Any, report: dict[str, Any]) -> None:
+    phase = report.get("phase")
+    label = f"{report.get('stage', '')}" + (f" {phase}" if phase not in (None, "") else "")
+    loss = report.get("loss")
+    speed = report.get("tokensPerSecond")
+    status = " ".join(
+        part for part in (
+            f"loss {loss:.3f}" if isinstance(loss, int | float) else "",
+            f"{speed:,.0f} tok/s" if isinstance(speed, int | float) else "",
+        ) if part
+    )
+    progress.update(
+        task, description=label, total=report.get("totalSteps") or None,
+        completed=report.get("step", 0), status=status,
+    )
+
+
+def _progress_display(console: Console) -> Progress:
+    return Progress(
+        TextColumn("  [bold blue]{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    """Stop the whole torchrun process group: SIGTERM, then SIGKILL after a grace period."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_SECONDS), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _brief(metrics: dict[str, Any]) -> str:
+    shown = [f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, int | float)][:4]
+    return f"[dim]({', '.join(shown)})[/]" if shown else ""
+
+
+def result_table(result: RunResult) -> Table:
+    table = Table(title=f"ULMFiTJob {result.job}")
+    table.add_column("stage")
+    table.add_column("state")
+    table.add_column("time", justify="right")
+    table.add_column("metrics")
+    for stage in result.stages:
+        table.add_row(
+            stage.name, stage.state, f"{stage.duration_seconds:.0f}s",
+            ", ".join(f"{k} {v:.4g}" for k, v in stage.metrics.items()
+                      if isinstance(v, int | float)),
+        )
+    return table
+
+

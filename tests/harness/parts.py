@@ -1,0 +1,25 @@
+"""One policy for a test whose real part is missing: skip with a reason locally, fail in CI."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require(available: bool, what: str, how: str) -> None:
+    """Stop the calling test when a real part is missing.
+
+    Under ``CI=true`` a missing part is a failure (CI must have installed it); elsewhere the test
+    skips with one line naming the part and how to get it.
+    """
+    if available:
+        return
+    message = f"{what} is not available: {how}"
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)

@@ -1,0 +1,67 @@
+"""The `ulmfit` command line: exit codes, error messages, and the README kept in sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from ulmfit_operator.cli import EXIT_INVALID_SPEC, app
+from ulmfit_operator.reference import END_MARKER, START_MARKER, render_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+BAD_JOB = """
+apiVersion: ulmfit.io/v1alpha1
+kind: ULMFiTJob
+metadata: {name: bad}
+spec:
+  stages:
+    classifier: {learningRate: -1, epochsPerPhase: 0}
+  resources: {workers: 0}
+"""
+
+
+def test_run_rejects_an_invalid_job_before_writing_anything(tmp_path: Path) -> None:
+    job = tmp_path / "bad.yaml"
+    job.write_text(BAD_JOB)
+    workdir = tmp_path / "work"
+    result = runner.invoke(app, ["run", str(job), "--workdir", str(workdir)])
+    assert result.exit_code == EXIT_INVALID_SPEC
+    output = result.output
+    assert "spec.stages.classifier.learningRate" in output and "-1" in output
+    assert "spec.stages.classifier.epochsPerPhase" in output
+    assert "spec.resources.workers" in output
+    assert not workdir.exists()
+
+
+def test_run_on_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == EXIT_INVALID_SPEC
+    assert "cannot read" in result.output
+
+
+def test_validate_prints_the_job_with_defaults() -> None:
+    result = runner.invoke(app, ["validate", str(ROOT / "examples" / "ulmfitjob.yaml")])
+    assert result.exit_code == 0, result.output
+    assert '"discriminativeFactor": 2.6' in result.output
+
+
+def test_plan_lists_the_stages_in_order() -> None:
+    result = runner.invoke(app, ["plan", str(ROOT / "examples" / "ulmfitjob.yaml")])
+    assert result.exit_code == 0, result.output
+    order = [
+        result.output.index(name) for name in ("pretrain", "finetune", "classifier", "evaluate")
+    ]
+    assert order == sorted(order)
+
+
+def test_readme_reference_matches_the_api_models() -> None:
+    readme = (ROOT / "README.md").read_text()
+    embedded = readme.split(START_MARKER, 1)[1].split(END_MARKER, 1)[0].strip()
+    assert embedded == render_reference().strip(), (
+        "README's ULMFiTJob reference is stale: run `python scripts/sync_readme.py`"
+    )
+    assert "| `spec.stages.pretrain.enabled` | boolean | `false` |" in embedded
+    assert "| `spec.stages.finetune.enabled` | boolean | `true` |" in embedded
