@@ -1,5 +1,5 @@
 # The two commands of the README: `make example` and `make test`. Both set up what they need.
-.PHONY: env example controlplane lint test test-fast crd
+.PHONY: env example controlplane lint test test-fast generate
 
 VENV := .venv/bin
 
@@ -23,5 +23,9 @@ test: env controlplane lint
 test-fast: env controlplane
 	$(VENV)/python -m pytest -m "not slow"
 
-crd: env
+# Regenerate everything derived from api.py: the CRD (also copied into the chart) and the README
+# reference. Tests fail when these drift.
+generate: env
 	$(VENV)/ulmfit crd > manifests/crd/ulmfit.io_ulmfitjobs.yaml
+	$(VENV)/python scripts/sync_chart.py
+	$(VENV)/python scripts/sync_readme.py
