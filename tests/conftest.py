@@ -1,0 +1,1 @@
+pytest_plugins = ["tests.harness.kube", "tests.harness.s3", "tests.harness.tools"]
