@@ -11,8 +11,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
-
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 from ulmfit_trainer.config import (
     DataSpec,
     DeepSpeedSpec,
@@ -123,9 +122,11 @@ class ULMFiTJobSpec(WireModel):
 class Metadata(WireModel):
     """The subset of ObjectMeta the runners read."""
 
-    model_config = {**WireModel.model_config, "extra": "ignore"}
+    model_config = ConfigDict(**{**WireModel.model_config, "extra": "ignore"})
 
-    name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    name: Annotated[
+        str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    ]
     """Job name (a DNS label: children are named after it)."""
     namespace: str = "default"
     """Namespace of the job."""
@@ -134,7 +135,7 @@ class Metadata(WireModel):
 class ULMFiTJob(WireModel):
     """A whole `ULMFiTJob` document as `kubectl apply` takes it."""
 
-    model_config = {**WireModel.model_config, "extra": "ignore"}
+    model_config = ConfigDict(**{**WireModel.model_config, "extra": "ignore"})
 
     api_version: Literal["ulmfit.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["ULMFiTJob"] = KIND
@@ -183,7 +184,9 @@ def load_job_file(text: str) -> ULMFiTJob:
         raise InvalidSpec([("", "<yaml>", f"not valid YAML: {error}")]) from None
     jobs = [doc for doc in documents if isinstance(doc, dict) and doc.get("kind") == KIND]
     if len(jobs) != 1:
-        kinds = [doc.get("kind") if isinstance(doc, dict) else type(doc).__name__ for doc in documents]
+        kinds = [
+            doc.get("kind") if isinstance(doc, dict) else type(doc).__name__ for doc in documents
+        ]
         raise InvalidSpec([("kind", kinds, f"expected exactly one {KIND} document")])
     return parse_job(jobs[0])
 

@@ -81,7 +81,7 @@ def run(
         console.print(
             f"test accuracy [bold]{test['accuracy']:.3f}[/]"
             + (f" (majority baseline {baseline:.3f})" if baseline is not None else "")
-            + (f", macro-F1 {test['macro_f1']:.3f}" if "macro_f1" in test else "")
+            + (f", macro-F1 {test['macroF1']:.3f}" if "macroF1" in test else "")
         )
     console.print(f"model: {result.model}\nresult: {Path(result.workdir) / 'result.json'}")
 
@@ -137,8 +137,10 @@ def operator(
     from ulmfit_operator.handlers import run_operator
 
     run_operator(
-        namespace=namespace, standalone=standalone,
-        metrics_port=metrics_port, health_port=health_port,
+        namespace=namespace,
+        standalone=standalone,
+        metrics_port=metrics_port,
+        health_port=health_port,
     )
 
 

@@ -28,13 +28,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from ulmfit_trainer.config import StageName
 from ulmfit_trainer.errors import PermanentError, UlmfitError
-from ulmfit_trainer.store import CheckpointStore, open_store
+from ulmfit_trainer.store import CheckpointStore, StoreError, open_store
 
 from ulmfit_operator.api import ULMFiTJob
 from ulmfit_operator.plan import Plan, PlannedStage, make_plan
 
 PROGRESS_PREFIX = "@progress "
+EVALUATION_REPORT = "metrics.json"  # what the evaluate stage stores beside its checkpoint
 LOG_TAIL_LINES = 30
 STOP_GRACE_SECONDS = 15.0
 
@@ -56,6 +58,7 @@ class StageOutcome:
     duration_seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    model_uri: str | None = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class RunResult:
     store: str
     stages: list[StageOutcome]
     test: dict[str, Any]
+    report: dict[str, Any]
     majority_baseline: float | None
     model: str | None
 
@@ -85,15 +89,14 @@ class RunResult:
             ],
             "test": self.test,
             "majorityBaseline": self.majority_baseline,
+            "report": self.report,
             "model": self.model,
         }
 
 
 def store_root_for(job: ULMFiTJob, workdir: Path) -> str:
     s3 = job.spec.storage.s3
-    if s3 is not None:
-        return f"s3://{s3.bucket}/{s3.prefix}".rstrip("/")
-    return str((workdir / "store").resolve())
+    return s3.root if s3 is not None else str((workdir / "store").resolve())
 
 
 class LocalRunner:
@@ -122,18 +125,27 @@ class LocalRunner:
         for sub in ("configs", "logs"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         outcomes = [self._run_stage(stage) for stage in self.plan.stages]
-        evaluation = outcomes[-1].metrics
+        evaluation = outcomes[-1]
         result = RunResult(
             job=self.job.run_id,
             workdir=str(self.workdir),
             store=self.store_root,
             stages=outcomes,
-            test=evaluation,
-            majority_baseline=evaluation.get("majority_baseline"),
-            model=evaluation.get("model_uri"),
+            test=evaluation.metrics,
+            report=self._evaluation_report(),
+            majority_baseline=evaluation.metrics.get("majorityBaselineAccuracy"),
+            model=evaluation.model_uri,
         )
         (self.workdir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         return result
+
+    def _evaluation_report(self) -> dict[str, Any]:
+        """The evaluate stage's full report (per class, confusion matrix) from the store."""
+        key = self.checkpoints.artifact_key(StageName.EVALUATE, EVALUATION_REPORT)
+        try:
+            return dict(json.loads(self.checkpoints.store.get_bytes(key)))
+        except (StoreError, ValueError):
+            return {}
 
     def _finished(self, stage: PlannedStage) -> StageOutcome | None:
         latest = self.checkpoints.latest(stage.name)
@@ -145,21 +157,31 @@ class LocalRunner:
             duration_seconds=float(latest.meta.get("durationSeconds", 0.0)),
             metrics=dict(latest.meta.get("metrics", {})),
             checkpoint=latest.uri,
+            model_uri=latest.meta.get("modelUri"),
         )
 
     def _run_stage(self, stage: PlannedStage) -> StageOutcome:
         cached = self._finished(stage)
         if cached is not None:
-            self.console.print(f"[green]✓[/] {stage.name}: already finished, reusing {cached.checkpoint}")
+            self.console.print(
+                f"[green]✓[/] {stage.name}: already finished, reusing {cached.checkpoint}"
+            )
             return cached
         config_path = self.workdir / "configs" / f"{stage.name}.json"
         stage.config.write(config_path)
         log_path = self.workdir / "logs" / f"{stage.name}.log"
         nproc = self.nproc if stage.distributed else 1
         command = [
-            self.python, "-m", "torch.distributed.run", "--standalone",
+            self.python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
             f"--nproc-per-node={nproc}",
-            "-m", "ulmfit_trainer", stage.name, "--config", str(config_path),
+            "-m",
+            "ulmfit_trainer",
+            stage.name,
+            "--config",
+            str(config_path),
         ]
         self.console.print(f"[bold]▶ {stage.name}[/] ({nproc} process{'es' if nproc > 1 else ''})")
         started = time.monotonic()
@@ -169,10 +191,16 @@ class LocalRunner:
             raise StageFailed(stage.name, returncode, log_path, tail)
         finished = self._finished(stage)
         if finished is None:
-            raise StageFailed(stage.name, returncode, log_path,
-                              [*tail, "the stage exited 0 but committed no final checkpoint"])
+            raise StageFailed(
+                stage.name,
+                returncode,
+                log_path,
+                [*tail, "the stage exited 0 but committed no final checkpoint"],
+            )
         finished.state, finished.duration_seconds = "succeeded", duration
-        self.console.print(f"[green]✓[/] {stage.name} in {duration:.0f}s {_brief(finished.metrics)}")
+        self.console.print(
+            f"[green]✓[/] {stage.name} in {duration:.0f}s {_brief(finished.metrics)}"
+        )
         return finished
 
     def _supervise(self, command: list[str], stage: str, log_path: Path) -> tuple[int, list[str]]:
@@ -181,8 +209,13 @@ class LocalRunner:
         with log_path.open("a") as log, _progress_display(self.console) as progress:
             task = progress.add_task(stage, total=None, status="starting")
             process = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                start_new_session=True, cwd=self.workdir,
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                start_new_session=True,
+                cwd=self.workdir,
             )
             try:
                 assert process.stdout is not None
@@ -203,7 +236,7 @@ def _follow(stream: IO[str], log: IO[str], tail: deque[str], progress: Progress,
     for line in stream:
         if line.startswith(PROGRESS_PREFIX):
             try:
-                report = json.loads(line[len(PROGRESS_PREFIX):])
+                report = json.loads(line[len(PROGRESS_PREFIX) :])
             except json.JSONDecodeError:
                 report = None
             if isinstance(report, dict):
@@ -219,14 +252,19 @@ def _show(progress: Progress, task: Any, report: dict[str, Any]) -> None:
     loss = report.get("loss")
     speed = report.get("tokensPerSecond")
     status = " ".join(
-        part for part in (
+        part
+        for part in (
             f"loss {loss:.3f}" if isinstance(loss, int | float) else "",
             f"{speed:,.0f} tok/s" if isinstance(speed, int | float) else "",
-        ) if part
+        )
+        if part
     )
     progress.update(
-        task, description=label, total=report.get("totalSteps") or None,
-        completed=report.get("step", 0), status=status,
+        task,
+        description=label,
+        total=report.get("totalSteps") or None,
+        completed=report.get("step", 0),
+        status=status,
     )
 
 
@@ -271,10 +309,11 @@ def result_table(result: RunResult) -> Table:
     table.add_column("metrics")
     for stage in result.stages:
         table.add_row(
-            stage.name, stage.state, f"{stage.duration_seconds:.0f}s",
-            ", ".join(f"{k} {v:.4g}" for k, v in stage.metrics.items()
-                      if isinstance(v, int | float)),
+            stage.name,
+            stage.state,
+            f"{stage.duration_seconds:.0f}s",
+            ", ".join(
+                f"{k} {v:.4g}" for k, v in stage.metrics.items() if isinstance(v, int | float)
+            ),
         )
     return table
-
-

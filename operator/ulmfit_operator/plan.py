@@ -65,22 +65,34 @@ def make_plan(job: ULMFiTJob, store_root: str, s3: S3Settings | None = None) -> 
     }
     stages: list[PlannedStage] = []
     previous: StageName | None = None
-    for name, lm in ((StageName.PRETRAIN, spec.stages.pretrain),
-                     (StageName.FINETUNE, spec.stages.finetune)):
+    for name, lm in (
+        (StageName.PRETRAIN, spec.stages.pretrain),
+        (StageName.FINETUNE, spec.stages.finetune),
+    ):
         if lm.enabled:
             config = StageConfig(stage=name, init_from=previous, lm=lm, **common)
             stages.append(PlannedStage(name, config, distributed=True))
             previous = name
     classifier = spec.stages.classifier
-    stages.append(PlannedStage(
-        StageName.CLASSIFIER,
-        StageConfig(stage=StageName.CLASSIFIER, init_from=previous, classifier=classifier, **common),
-        distributed=True,
-    ))
-    stages.append(PlannedStage(
-        StageName.EVALUATE,
-        StageConfig(stage=StageName.EVALUATE, init_from=StageName.CLASSIFIER,
-                    classifier=classifier, **common),
-        distributed=False,
-    ))
+    stages.append(
+        PlannedStage(
+            StageName.CLASSIFIER,
+            StageConfig(
+                stage=StageName.CLASSIFIER, init_from=previous, classifier=classifier, **common
+            ),
+            distributed=True,
+        )
+    )
+    stages.append(
+        PlannedStage(
+            StageName.EVALUATE,
+            StageConfig(
+                stage=StageName.EVALUATE,
+                init_from=StageName.CLASSIFIER,
+                classifier=classifier,
+                **common,
+            ),
+            distributed=False,
+        )
+    )
     return Plan(run=job.run_id, stages=tuple(stages))

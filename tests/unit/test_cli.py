@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from typer.testing import CliRunner
-
 from ulmfit_operator.cli import EXIT_INVALID_SPEC, app
 from ulmfit_operator.reference import END_MARKER, START_MARKER, render_reference
 

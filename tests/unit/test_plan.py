@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ulmfit_trainer.config import StageConfig, StageName
-
 from ulmfit_operator.api import parse_job
 from ulmfit_operator.plan import make_plan
+from ulmfit_trainer.config import StageConfig, StageName
 
 
 def job(stages: dict | None = None) -> dict:

@@ -19,7 +19,7 @@ from ulmfit_trainer.store import S3Settings
 
 
 class WireModel(BaseModel):
-    """camelCase on the wire (like every Kubernetes API), snake_case in Python; unknown keys fail."""
+    """camelCase on the wire (as in Kubernetes APIs), snake_case in Python; unknown keys fail."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
