@@ -130,6 +130,6 @@ def test_file_loader_rejects_files_without_exactly_one_job(text: str, message: s
         load_job_file(text)
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("ulmfitjob*.yaml")), ids=lambda p: p.name)
 def test_every_example_is_a_valid_job(path: Path) -> None:
     assert isinstance(load_job_file(path.read_text()), ULMFiTJob)
