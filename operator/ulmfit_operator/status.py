@@ -1,0 +1,187 @@
+"""The ULMFiTJob status: models (the one source of the CRD's status schema) and condition helpers.
+
+The operator writes status; nobody else does. It is a cache of what the cluster (children) and
+the store (checkpoints, progress) say, so every field here can be recomputed from those two.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError
+from ulmfit_trainer.config import StageName, WireModel
+
+from ulmfit_operator.api import StageState
+
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+"""An RFC 3339 time in UTC with second precision, as Kubernetes writes them."""
+
+
+class ConditionType(StrEnum):
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class Condition(WireModel):
+    """One aspect of the job's state, as the Kubernetes API conventions describe conditions."""
+
+    type: ConditionType
+    """`Running`, `Succeeded`, `Failed` or `Suspended`."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z][A-Za-z0-9]*$")]
+    """A CamelCase word for programs: why the condition last changed (e.g. `InvalidSpec`)."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """A sentence for people: what happened."""
+    last_transition_time: Timestamp
+    """When `status` last flipped (not when the reason or message changed)."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """`metadata.generation` of the spec this condition was computed from."""
+
+
+class StageStatus(WireModel):
+    """What happened to one stage of the plan."""
+
+    name: StageName
+    """The stage: `pretrain`, `finetune`, `classifier` or `evaluate`."""
+    state: StageState
+    """`Pending`, `Running`, `Succeeded`, `Failed` or `Skipped`."""
+    attempts: Annotated[int, Field(ge=0)] = 0
+    """Number of the current (or last) attempt; each attempt is one child workload."""
+    failures: Annotated[int, Field(ge=0)] = 0
+    """Attempts that failed (counted against `runPolicy.backoffLimit`)."""
+    child: str | None = None
+    """Name of the current (or last) child workload (a PyTorchJob, or a Job for `evaluate`)."""
+    start_time: Timestamp | None = None
+    """When the stage's first attempt was created."""
+    completion_time: Timestamp | None = None
+    """When the stage's final checkpoint was committed."""
+    checkpoint: str | None = None
+    """URI of the stage's final checkpoint (what the next stage starts from)."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Numeric metrics the stage recorded with its final checkpoint."""
+    message: str | None = None
+    """Why the last attempt failed, when it did."""
+
+
+class JobResult(WireModel):
+    """What the job produced."""
+
+    model_uri: str | None = None
+    """Where the exported model (Hugging Face `save_pretrained` layout) lives."""
+    test_metrics: dict[str, float] = Field(default_factory=dict)
+    """Metrics on the test split: accuracy, macro-F1, the majority-class baseline, ..."""
+
+
+class ULMFiTJobStatus(WireModel):
+    """Observed state of a ULMFiTJob, written by the operator."""
+
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """`metadata.generation` of the spec the operator last acted on."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Summary conditions: `Running`, `Succeeded`, `Failed`, `Suspended`."""
+    stages: list[StageStatus] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """One entry per planned stage, in plan order."""
+    current_stage: str | None = None
+    """The stage that runs now (or ran last)."""
+    progress: str | None = None
+    """Progress for people, e.g. `classifier phase 2/4, 63%`."""
+    start_time: Timestamp | None = None
+    """When the operator started the job (reset when a suspended job resumes)."""
+    completion_time: Timestamp | None = None
+    """When the job succeeded or failed."""
+    result: JobResult | None = None
+    """The exported model and its test metrics, once the job has succeeded."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339, UTC, whole seconds: `2024-05-01T12:00:00Z`."""
+    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """The inverse of `format_time`; tolerant of fractions and offsets. None for junk."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def read_status(raw: Any) -> ULMFiTJobStatus:
+    """The status as the cluster holds it; an unreadable one counts as empty (it is a cache)."""
+    if not isinstance(raw, dict):
+        return ULMFiTJobStatus()
+    try:
+        return ULMFiTJobStatus.model_validate(raw)
+    except ValidationError:
+        return ULMFiTJobStatus()
+
+
+def find_condition(conditions: list[Condition], kind: ConditionType) -> Condition | None:
+    return next((c for c in conditions if c.type == kind), None)
+
+
+def condition_true(conditions: list[Condition], kind: ConditionType) -> bool:
+    found = find_condition(conditions, kind)
+    return found is not None and found.status == "True"
+
+
+def set_condition(
+    conditions: list[Condition],
+    kind: ConditionType,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[Condition]:
+    """A new list with `kind` set; `lastTransitionTime` moves only when the status flips."""
+    wanted: Literal["True", "False"] = "True" if status else "False"
+    previous = find_condition(conditions, kind)
+    since = (
+        previous.last_transition_time
+        if previous is not None and previous.status == wanted
+        else format_time(now)
+    )
+    updated = Condition(
+        type=kind,
+        status=wanted,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+    result = [c for c in conditions if c.type != kind]
+    result.append(updated)
+    order = list(ConditionType)
+    return sorted(result, key=lambda c: order.index(c.type))
+
+
+def clear_condition(
+    conditions: list[Condition],
+    kind: ConditionType,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[Condition]:
+    """Set `kind` to False, but only when it was there: absent conditions stay absent."""
+    if find_condition(conditions, kind) is None:
+        return conditions
+    return set_condition(conditions, kind, False, reason, message, now, generation)

@@ -1,0 +1,546 @@
+"""Pure: the child objects of a ULMFiTJob, and how to read them back.
+
+Each attempt of a stage is one child: a Kubeflow `PyTorchJob` (Master + Workers running torchrun)
+for a distributed stage, a `batch/v1` Job for the single-process `evaluate`. Its stage config
+(the plan's `StageConfig` as JSON) lives in an owned ConfigMap mounted at `/etc/ulmfit`. Names are
+deterministic, `<job>-<stage>-a<attempt>`, so an operator that restarts finds what it created
+instead of creating it twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from kubeflow.training.configuration import Configuration as KubeflowConfiguration
+from kubeflow.training.models import (
+    KubeflowOrgV1PyTorchJob,
+    KubeflowOrgV1PyTorchJobSpec,
+    KubeflowOrgV1ReplicaSpec,
+    KubeflowOrgV1RunPolicy,
+)
+from kubernetes import client as k8s
+from ulmfit_trainer.config import StageConfig, StorageSpec
+
+from ulmfit_operator.api import API_VERSION, KIND, ULMFiTJobSpec
+from ulmfit_operator.plan import PlannedStage
+from ulmfit_operator.status import parse_time
+
+LABEL_JOB = "ulmfit.io/job"
+LABEL_STAGE = "ulmfit.io/stage"
+LABEL_ATTEMPT = "ulmfit.io/attempt"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "ulmfit-operator"
+ANNOTATION_INIT_CHECKPOINT = "ulmfit.io/init-checkpoint"
+ANNOTATION_STOPPED = "ulmfit.io/stopped"
+"""Set by the operator on an attempt it stopped (the value is the reason); counts as failed."""
+
+PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
+PYTORCHJOB_KIND = "PyTorchJob"
+PYTORCHJOB_PLURAL = "pytorchjobs"
+JOB_API_VERSION = "batch/v1"
+JOB_KIND = "Job"
+CONFIGMAP_KIND = "ConfigMap"
+
+# The Training Operator looks the container and its port up by these names.
+PYTORCH_CONTAINER = "pytorch"
+PYTORCH_PORT_NAME = "pytorchjob-port"
+PYTORCH_PORT = 23456
+EVALUATE_CONTAINER = "evaluate"
+
+CONFIG_DIR = "/etc/ulmfit"
+CONFIG_FILE = "stage.json"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+RUN_AS_USER = 1000
+
+# The Training Operator names pods and Services `<child>-worker-<index>` (a DNS-1035 label,
+# at most 63 characters): 50 leaves room for `-worker-1023`.
+MAX_CHILD_NAME = 50
+
+_SERIALIZER = k8s.ApiClient()
+# Each kubeflow model makes its own Configuration unless given one, and every new Configuration
+# resets the level of its loggers (which clears the logging cache of the whole process).
+_KUBEFLOW = KubeflowConfiguration()
+
+
+def to_dict(model: Any) -> Any:
+    """A kubernetes or kubeflow client model as the plain JSON the API takes.
+
+    The kubeflow models come from an older generator (`attribute_map` holds the JSON names);
+    the kubernetes client serializes its own models.
+    """
+    if model is None or isinstance(model, str | int | float | bool):
+        return model
+    if isinstance(model, list | tuple):
+        return [to_dict(item) for item in model]
+    if isinstance(model, dict):
+        return {key: to_dict(value) for key, value in model.items() if value is not None}
+    attribute_map = getattr(model, "attribute_map", None)
+    if isinstance(attribute_map, dict) and hasattr(model, "openapi_types"):
+        return {
+            attribute_map[name]: to_dict(getattr(model, name))
+            for name in model.openapi_types
+            if getattr(model, name) is not None
+        }
+    return _SERIALIZER.sanitize_for_serialization(model)
+
+
+# --------------------------------------------------------------------------------------- names
+
+
+def child_name(job: str, stage: str, attempt: int) -> str:
+    """`<job>-<stage>-a<attempt>`; long job names are cut and made unique with a hash."""
+    suffix = f"-{stage}-a{attempt}"
+    base = job if job[:1].isalpha() else f"u{job}"  # DNS-1035: a Service name starts with a letter
+    if len(base) + len(suffix) > MAX_CHILD_NAME:
+        digest = hashlib.sha256(job.encode()).hexdigest()[:6]
+        keep = MAX_CHILD_NAME - len(suffix) - len(digest) - 1
+        base = f"{base[:keep].rstrip('-')}-{digest}"
+    return base + suffix
+
+
+def config_map_name(child: str) -> str:
+    return f"{child}-config"
+
+
+# -------------------------------------------------------------------------------------- owners
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ULMFiTJob that owns every child; deleting it deletes them (garbage collection)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def labels(self, stage: str | None = None, attempt: int | None = None) -> dict[str, str]:
+        labels = {LABEL_JOB: self.name, LABEL_MANAGED_BY: MANAGER}
+        if stage is not None:
+            labels[LABEL_STAGE] = stage
+        if attempt is not None:
+            labels[LABEL_ATTEMPT] = str(attempt)
+        return labels
+
+    def metadata(
+        self,
+        name: str,
+        stage: str,
+        attempt: int,
+        annotations: dict[str, str] | None = None,
+    ) -> k8s.V1ObjectMeta:
+        return k8s.V1ObjectMeta(
+            name=name,
+            namespace=self.namespace,
+            labels=self.labels(stage, attempt),
+            annotations=annotations or None,
+            owner_references=[k8s.V1OwnerReference.model_validate(self.reference())],
+        )
+
+
+# ------------------------------------------------------------------------------------ builders
+
+
+def stage_config_map(owner: Owner, child: str, stage: PlannedStage, attempt: int) -> dict[str, Any]:
+    """The ConfigMap holding `stage.json` for one attempt."""
+    config: StageConfig = stage.config
+    text = json.dumps(config.to_wire(), indent=2, sort_keys=True) + "\n"
+    body = k8s.V1ConfigMap(
+        api_version="v1",
+        kind=CONFIGMAP_KIND,
+        metadata=owner.metadata(config_map_name(child), stage.name, attempt),
+        data={CONFIG_FILE: text},
+    )
+    return to_dict(body)
+
+
+def torchrun_command(stage: str, workers: int, processes: int) -> list[str]:
+    """torchrun with a static rendezvous on the PyTorchJob master.
+
+    The Training Operator gives every replica MASTER_ADDR/MASTER_PORT (the master's Service) and
+    RANK (0 for the master, 1.. for workers); newer releases also set the PET_* variables torchrun
+    reads by itself. Passing them as flags (the kubelet expands `$(VAR)` from the container's env)
+    works with both. No elastic policy: a failed process fails the attempt, and the next attempt
+    resumes from the store.
+    """
+    return [
+        "torchrun",
+        f"--nnodes={workers}",
+        f"--nproc-per-node={processes}",
+        "--node-rank=$(RANK)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "--max-restarts=0",
+        "-m",
+        "ulmfit_trainer",
+        stage,
+        "--config",
+        CONFIG_PATH,
+    ]
+
+
+def evaluate_command(stage: str) -> list[str]:
+    return ["python", "-m", "ulmfit_trainer", stage, "--config", CONFIG_PATH]
+
+
+def storage_env(storage: StorageSpec) -> list[k8s.V1EnvVar]:
+    """S3 credentials from the job's Secret, under the variable names the S3 settings read."""
+    if storage.s3 is None or not storage.credentials_secret_ref:
+        return []
+    secret = storage.credentials_secret_ref
+    s3 = storage.s3
+
+    def from_secret(variable: str, key: str, optional: bool = False) -> k8s.V1EnvVar:
+        return k8s.V1EnvVar(
+            name=variable,
+            value_from=k8s.V1EnvVarSource(
+                secret_key_ref=k8s.V1SecretKeySelector(
+                    name=secret, key=key, optional=True if optional else None
+                )
+            ),
+        )
+
+    return [
+        from_secret(s3.access_key_env, "AWS_ACCESS_KEY_ID"),
+        from_secret(s3.secret_key_env, "AWS_SECRET_ACCESS_KEY"),
+        from_secret(s3.session_token_env, "AWS_SESSION_TOKEN", optional=True),
+    ]
+
+
+def _container(
+    name: str,
+    spec: ULMFiTJobSpec,
+    command: list[str],
+    gpus: int,
+    attempt: int,
+    port: bool,
+) -> k8s.V1Container:
+    res = spec.resources
+    limits = {"cpu": res.cpu, "memory": res.memory}
+    if gpus > 0:
+        limits["nvidia.com/gpu"] = str(gpus)
+    env = [
+        k8s.V1EnvVar(name="HOME", value="/tmp"),
+        k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
+        k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+        k8s.V1EnvVar(name="ULMFIT_ATTEMPT", value=str(attempt)),
+        *storage_env(spec.storage),
+    ]
+    return k8s.V1Container(
+        name=name,
+        image=res.image,
+        image_pull_policy=res.image_pull_policy,
+        command=command,
+        env=env,
+        ports=(
+            [k8s.V1ContainerPort(name=PYTORCH_PORT_NAME, container_port=PYTORCH_PORT)]
+            if port
+            else None
+        ),
+        resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits),
+        volume_mounts=[
+            k8s.V1VolumeMount(name="stage-config", mount_path=CONFIG_DIR, read_only=True),
+            k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
+            k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
+        ],
+        security_context=k8s.V1SecurityContext(
+            allow_privilege_escalation=False,
+            read_only_root_filesystem=True,
+            run_as_non_root=True,
+            capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+        ),
+    )
+
+
+def _pod_template(
+    owner: Owner,
+    stage: str,
+    attempt: int,
+    child: str,
+    container: k8s.V1Container,
+    spec: ULMFiTJobSpec,
+) -> k8s.V1PodTemplateSpec:
+    return k8s.V1PodTemplateSpec(
+        metadata=k8s.V1ObjectMeta(labels=owner.labels(stage, attempt)),
+        spec=k8s.V1PodSpec(
+            restart_policy="Never",
+            # Pods never talk to the Kubernetes API: progress travels through the store.
+            automount_service_account_token=False,
+            enable_service_links=False,
+            node_selector=dict(spec.resources.node_selector) or None,
+            security_context=k8s.V1PodSecurityContext(
+                run_as_non_root=True,
+                run_as_user=RUN_AS_USER,
+                run_as_group=RUN_AS_USER,
+                fs_group=RUN_AS_USER,
+                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+            ),
+            containers=[container],
+            volumes=[
+                k8s.V1Volume(
+                    name="stage-config",
+                    config_map=k8s.V1ConfigMapVolumeSource(
+                        name=config_map_name(child),
+                        items=[k8s.V1KeyToPath(key=CONFIG_FILE, path=CONFIG_FILE)],
+                    ),
+                ),
+                k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
+                # torch's data loaders and NCCL need more shared memory than a container's 64 MiB.
+                k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")),
+            ],
+        ),
+    )
+
+
+def _annotations(init_checkpoint: str | None) -> dict[str, str]:
+    return {ANNOTATION_INIT_CHECKPOINT: init_checkpoint} if init_checkpoint else {}
+
+
+def pytorch_job(
+    owner: Owner,
+    stage: PlannedStage,
+    spec: ULMFiTJobSpec,
+    attempt: int,
+    init_checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """The PyTorchJob for one attempt of a distributed stage: 1 Master + (workers - 1) Workers."""
+    name = child_name(owner.name, stage.name, attempt)
+    res = spec.resources
+    command = torchrun_command(stage.name, res.workers, res.processes_per_worker)
+
+    def replicas(count: int) -> KubeflowOrgV1ReplicaSpec:
+        container = _container(
+            PYTORCH_CONTAINER, spec, command, res.gpus_per_worker, attempt, port=True
+        )
+        return KubeflowOrgV1ReplicaSpec(
+            replicas=count,
+            restart_policy="Never",
+            template=_pod_template(owner, stage.name, attempt, name, container, spec),
+            local_vars_configuration=_KUBEFLOW,
+        )
+
+    replica_specs = {"Master": replicas(1)}
+    if res.workers > 1:
+        replica_specs["Worker"] = replicas(res.workers - 1)
+    job = KubeflowOrgV1PyTorchJob(
+        api_version=PYTORCHJOB_API_VERSION,
+        kind=PYTORCHJOB_KIND,
+        metadata=owner.metadata(name, stage.name, attempt, _annotations(init_checkpoint)),
+        spec=KubeflowOrgV1PyTorchJobSpec(
+            nproc_per_node=str(res.processes_per_worker),
+            pytorch_replica_specs=replica_specs,
+            # Retries are ours (a new attempt that resumes from the store), not pod restarts.
+            run_policy=KubeflowOrgV1RunPolicy(
+                backoff_limit=0, clean_pod_policy="Running", local_vars_configuration=_KUBEFLOW
+            ),
+            local_vars_configuration=_KUBEFLOW,
+        ),
+        local_vars_configuration=_KUBEFLOW,
+    )
+    return to_dict(job)
+
+
+def evaluate_job(
+    owner: Owner,
+    stage: PlannedStage,
+    spec: ULMFiTJobSpec,
+    attempt: int,
+    init_checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """The batch/v1 Job for one attempt of the single-process `evaluate` stage."""
+    name = child_name(owner.name, stage.name, attempt)
+    gpus = min(spec.resources.gpus_per_worker, 1)
+    container = _container(
+        EVALUATE_CONTAINER, spec, evaluate_command(stage.name), gpus, attempt, port=False
+    )
+    job = k8s.V1Job(
+        api_version=JOB_API_VERSION,
+        kind=JOB_KIND,
+        metadata=owner.metadata(name, stage.name, attempt, _annotations(init_checkpoint)),
+        spec=k8s.V1JobSpec(
+            backoff_limit=0,
+            template=_pod_template(owner, stage.name, attempt, name, container, spec),
+        ),
+    )
+    return to_dict(job)
+
+
+def stage_child(
+    owner: Owner,
+    stage: PlannedStage,
+    spec: ULMFiTJobSpec,
+    attempt: int,
+    init_checkpoint: str | None = None,
+) -> dict[str, Any]:
+    build = pytorch_job if stage.distributed else evaluate_job
+    return build(owner, stage, spec, attempt, init_checkpoint)
+
+
+# ---------------------------------------------------------------------------------- observing
+
+
+class ChildPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+@dataclass(frozen=True)
+class Child:
+    """One observed child workload, whatever its kind."""
+
+    name: str
+    namespace: str
+    api_version: str
+    kind: str
+    job: str
+    """Name of the owning ULMFiTJob (from the `ulmfit.io/job` label)."""
+    stage: str
+    attempt: int
+    owner_uid: str
+    phase: ChildPhase
+    message: str = ""
+    """Why it failed (reason: message of its Failed condition)."""
+    created: datetime | None = None
+    started: datetime | None = None
+    deleting: bool = False
+    stopped: str | None = None
+    """The reason the operator stopped this attempt (it counts as failed)."""
+    resource_version: str = ""
+
+    @property
+    def active(self) -> bool:
+        """Still working on the stage: neither finished, nor stopped, nor going away."""
+        return (
+            not self.deleting
+            and self.stopped is None
+            and self.phase in (ChildPhase.PENDING, ChildPhase.RUNNING)
+        )
+
+    @property
+    def ref(self) -> ChildRef:
+        return ChildRef(self.api_version, self.kind, self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class ChildRef:
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+
+
+def _true_conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        str(c.get("type")): c
+        for c in status.get("conditions") or []
+        if isinstance(c, dict) and c.get("status") == "True"
+    }
+
+
+def _failure_message(condition: dict[str, Any] | None) -> str:
+    if not condition:
+        return ""
+    reason, message = condition.get("reason") or "", condition.get("message") or ""
+    return f"{reason}: {message}" if reason and message else reason or message
+
+
+def observe_child(body: dict[str, Any]) -> Child | None:
+    """A PyTorchJob or Job we created, as reconcile sees it; None for anything else."""
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    kind = body.get("kind")
+    if (
+        LABEL_JOB not in labels
+        or LABEL_STAGE not in labels
+        or kind
+        not in (
+            PYTORCHJOB_KIND,
+            JOB_KIND,
+        )
+    ):
+        return None
+    try:
+        attempt = int(labels.get(LABEL_ATTEMPT, "0"))
+    except ValueError:
+        return None
+    owner_uid = next(
+        (
+            ref.get("uid", "")
+            for ref in meta.get("ownerReferences") or []
+            if ref.get("kind") == KIND and ref.get("controller")
+        ),
+        "",
+    )
+    status = body.get("status") or {}
+    spec = body.get("spec") or {}
+    true = _true_conditions(status)
+    message = ""
+    if kind == PYTORCHJOB_KIND:
+        if "Succeeded" in true:
+            phase = ChildPhase.SUCCEEDED
+        elif "Failed" in true:
+            phase, message = ChildPhase.FAILED, _failure_message(true["Failed"])
+        elif "Suspended" in true or (spec.get("runPolicy") or {}).get("suspend"):
+            phase = ChildPhase.SUSPENDED
+        elif "Running" in true:
+            phase = ChildPhase.RUNNING
+        else:
+            phase = ChildPhase.PENDING
+    else:
+        if "Complete" in true:
+            phase = ChildPhase.SUCCEEDED
+        elif "Failed" in true:
+            phase, message = ChildPhase.FAILED, _failure_message(true["Failed"])
+        elif "Suspended" in true or spec.get("suspend"):
+            phase = ChildPhase.SUSPENDED
+        elif status.get("active") or status.get("ready"):
+            phase = ChildPhase.RUNNING
+        else:
+            phase = ChildPhase.PENDING
+    annotations = meta.get("annotations") or {}
+    return Child(
+        name=str(meta.get("name")),
+        namespace=str(meta.get("namespace")),
+        api_version=str(body.get("apiVersion")),
+        kind=str(kind),
+        job=str(labels[LABEL_JOB]),
+        stage=str(labels[LABEL_STAGE]),
+        attempt=attempt,
+        owner_uid=owner_uid,
+        phase=phase,
+        message=message,
+        created=parse_time(meta.get("creationTimestamp")),
+        started=parse_time(status.get("startTime")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        stopped=annotations.get(ANNOTATION_STOPPED),
+        resource_version=str(meta.get("resourceVersion", "")),
+    )
+
+
+def stop_patch(kind: str, reason: str) -> dict[str, Any]:
+    """Merge patch that suspends a child (its pods go away, the object stays as the record of a
+    failed attempt) and says why."""
+    patch: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_STOPPED: reason}}}
+    if kind == PYTORCHJOB_KIND:
+        patch["spec"] = {"runPolicy": {"suspend": True}}
+    else:
+        patch["spec"] = {"suspend": True}
+    return patch

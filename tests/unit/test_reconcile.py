@@ -1,0 +1,540 @@
+"""reconcile() is pure: job + children + store facts + now in, actions + status + events out."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from ulmfit_operator.reconcile import (
+    CreateObject,
+    Decision,
+    DeleteChild,
+    DeleteJob,
+    FinalCheckpoint,
+    NeedStore,
+    Observation,
+    StopChild,
+    final_checkpoint,
+    numeric_metrics,
+    reconcile,
+)
+from ulmfit_operator.status import format_time
+from ulmfit_operator.workloads import Child, ChildPhase
+
+pytestmark = pytest.mark.timeout(60)
+
+CREATED = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+NOW = CREATED + timedelta(minutes=5)
+UID = "0b7a6c1e-uid"
+S3 = {"endpoint": "127.0.0.1:9000", "bucket": "ulmfit-test"}
+
+
+def job(
+    spec: Mapping[str, Any] | None = None,
+    status: Mapping[str, Any] | None = None,
+    *,
+    name: str = "topics",
+    generation: int = 1,
+) -> dict[str, Any]:
+    base: dict[str, Any] = {"storage": {"s3": dict(S3), "credentialsSecretRef": "s3-keys"}}
+    for key, value in (spec or {}).items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    body: dict[str, Any] = {
+        "apiVersion": "ulmfit.io/v1alpha1",
+        "kind": "ULMFiTJob",
+        "metadata": {
+            "name": name,
+            "namespace": "team",
+            "uid": UID,
+            "generation": generation,
+            "resourceVersion": "100",
+            "creationTimestamp": format_time(CREATED),
+        },
+        "spec": base,
+    }
+    if status is not None:
+        body["status"] = copy.deepcopy(dict(status))
+    return body
+
+
+def child(
+    stage: str,
+    attempt: int,
+    phase: ChildPhase = ChildPhase.RUNNING,
+    *,
+    job_name: str = "topics",
+    created: datetime | None = None,
+    message: str = "",
+    stopped: str | None = None,
+    owner: str = UID,
+    deleting: bool = False,
+) -> Child:
+    kind = "Job" if stage == "evaluate" else "PyTorchJob"
+    return Child(
+        name=f"{job_name}-{stage}-a{attempt}",
+        namespace="team",
+        api_version="batch/v1" if kind == "Job" else "kubeflow.org/v1",
+        kind=kind,
+        job=job_name,
+        stage=stage,
+        attempt=attempt,
+        owner_uid=owner,
+        phase=phase,
+        message=message,
+        created=created or CREATED + timedelta(seconds=10),
+        deleting=deleting,
+        stopped=stopped,
+        resource_version="7",
+    )
+
+
+def final(stage: str, metrics: Mapping[str, float] | None = None, **kw: Any) -> FinalCheckpoint:
+    return FinalCheckpoint(
+        uri=f"s3://ulmfit-test/ulmfit/team/topics/{stage}/final",
+        created_at=kw.pop("created_at", CREATED + timedelta(minutes=1)),
+        metrics=dict(metrics or {}),
+        **kw,
+    )
+
+
+class Store:
+    """Answers NeedStore requests and remembers which were asked."""
+
+    def __init__(
+        self,
+        finals: Mapping[str, FinalCheckpoint] | None = None,
+        progress: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        self.finals = dict(finals or {})
+        self.progress = dict(progress or {})
+        self.asked: list[tuple[str, str]] = []
+
+    def decide(
+        self, body: Mapping[str, Any], children: Sequence[Child] = (), now: datetime = NOW
+    ) -> Decision:
+        observation = Observation()
+        for _ in range(20):
+            result = reconcile(body, children, observation, now)
+            if not isinstance(result, NeedStore):
+                return result
+            self.asked.append((result.stage, result.what))
+            assert result.run == f"team/{body['metadata']['name']}"
+            assert result.s3 is not None and result.s3.bucket == S3["bucket"]
+            if result.what == "checkpoint":
+                observation = observation.with_checkpoint(
+                    result.stage, self.finals.get(result.stage)
+                )
+            else:
+                observation = observation.with_progress(
+                    result.stage, self.progress.get(result.stage)
+                )
+        raise AssertionError("reconcile kept asking for store facts")
+
+
+def decide(body: Mapping[str, Any], children: Sequence[Child] = (), **store: Any) -> Decision:
+    return Store(**store).decide(body, children)
+
+
+def after(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    """The job as it looks once the decision's status patch landed."""
+    updated = copy.deepcopy(body)
+    if decision.status is not None:
+        updated["status"] = copy.deepcopy(decision.status)
+    return updated
+
+
+def condition(status: Mapping[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), None)
+
+
+def stage_entry(status: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in status["stages"] if s["name"] == name)
+
+
+def creates(decision: Decision) -> list[CreateObject]:
+    return [a for a in decision.actions if isinstance(a, CreateObject)]
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def test_operator_invalid_spec_fails_once_with_a_warning_naming_the_field() -> None:
+    body = job({"model": {"architecture": {"hiddenSize": 100, "heads": 3}}})
+    first = decide(body)
+    assert first.actions == ()
+    assert first.state == "Failed"
+    failed = condition(first.status or {}, "Failed")
+    assert failed is not None and failed["status"] == "True" and failed["reason"] == "InvalidSpec"
+    assert "spec.model.architecture" in failed["message"]
+    assert "hiddenSize 100 must be a multiple of heads 3" in failed["message"]
+    [event] = first.events
+    assert event.type == "Warning" and event.reason == "InvalidSpec"
+    assert "spec.model.architecture" in event.message
+    # No retry, no second event: the same job again changes nothing.
+    again = decide(after(body, first))
+    assert again.status is None and again.events == () and again.actions == ()
+
+
+def test_operator_requires_s3_storage() -> None:
+    body = job()
+    body["spec"]["storage"] = {}
+    decision = decide(body)
+    failed = condition(decision.status or {}, "Failed")
+    assert failed is not None and failed["reason"] == "InvalidSpec"
+    assert "spec.storage.s3" in failed["message"]
+    assert not creates(decision)
+
+
+def test_operator_invalid_endpoint_is_reported_with_its_value() -> None:
+    body = job({"storage": {"s3": {"endpoint": "ftp://store", "bucket": "ulmfit-test"}}})
+    decision = decide(body)
+    failed = condition(decision.status or {}, "Failed")
+    assert failed is not None and "spec.storage.s3.endpoint" in failed["message"]
+    assert "ftp://store" in failed["message"]
+
+
+def test_operator_job_being_deleted_is_left_alone() -> None:
+    body = job()
+    body["metadata"]["deletionTimestamp"] = format_time(NOW)
+    decision = decide(body, [child("finetune", 1)])
+    assert decision.actions == () and decision.status is None
+
+
+# ---------------------------------------------------------------------------------- first stage
+
+
+def test_operator_new_job_gets_one_child_for_its_first_stage() -> None:
+    store = Store()
+    decision = store.decide(job())
+    # The store is read only as far as needed: the first stage is not done, so nothing else.
+    assert store.asked == [("finetune", "checkpoint")]
+    config_map, pytorch_job = creates(decision)
+    assert config_map.kind == "ConfigMap" and config_map.name == "topics-finetune-a1-config"
+    assert pytorch_job.kind == "PyTorchJob" and pytorch_job.name == "topics-finetune-a1"
+    status = decision.status or {}
+    assert status["currentStage"] == "finetune"
+    assert [(s["name"], s["state"]) for s in status["stages"]] == [
+        ("pretrain", "Skipped"),
+        ("finetune", "Pending"),
+        ("classifier", "Pending"),
+        ("evaluate", "Pending"),
+    ]
+    assert stage_entry(status, "finetune")["attempts"] == 1
+    running = condition(status, "Running")
+    assert running is not None and running["status"] == "True"
+    assert running["observedGeneration"] == 1
+    assert status["observedGeneration"] == 1
+    [event] = decision.events
+    assert event.reason == "StageStarted" and "topics-finetune-a1" in event.message
+
+
+def test_operator_reconcile_is_idempotent() -> None:
+    body = job()
+    first = decide(body)
+    created = [child("finetune", 1, ChildPhase.PENDING)]
+    second = decide(after(body, first), created)
+    assert second.actions == ()
+    assert second.status is None
+    assert second.events == ()
+
+
+def test_operator_no_duplicate_while_the_child_is_not_yet_seen() -> None:
+    # The operator restarted after creating a1 but before writing status: it asks for a1 again
+    # (a deterministic name, so the API answers 409) instead of a second child.
+    first = decide(job())
+    again = decide(job())
+    assert [a.name for a in creates(again)] == [a.name for a in creates(first)]
+
+
+def test_operator_running_child_shows_progress() -> None:
+    body = after(job(), decide(job()))
+    progress = {
+        "stage": "finetune",
+        "phase": 2,
+        "totalPhases": 4,
+        "step": 63,
+        "totalSteps": 100,
+        "updatedAt": format_time(NOW - timedelta(seconds=5)),
+    }
+    decision = decide(body, [child("finetune", 1)], progress={"finetune": progress})
+    status = decision.status or {}
+    assert status["progress"] == "finetune phase 2/4, 63%"
+    assert stage_entry(status, "finetune")["state"] == "Running"
+    assert decision.requeue_after is not None and 0 < decision.requeue_after <= 1800
+
+
+def test_operator_lasttransitiontime_moves_only_on_flips() -> None:
+    body = after(job(), decide(job()))
+    running = condition(body["status"], "Running")
+    assert running is not None
+    later = Store().decide(body, [child("finetune", 1)], now=NOW + timedelta(minutes=3))
+    new_running = condition(later.status or body["status"], "Running")
+    assert new_running is not None
+    assert new_running["lastTransitionTime"] == running["lastTransitionTime"]
+
+
+# ---------------------------------------------------------------------------------- transitions
+
+
+def test_operator_next_stage_starts_from_the_previous_final_checkpoint() -> None:
+    body = after(job(), decide(job()))
+    done = final("finetune", {"perplexity": 31.5, "loss": 3.45})
+    decision = decide(body, [child("finetune", 1, ChildPhase.SUCCEEDED)], finals={"finetune": done})
+    status = decision.status or {}
+    entry = stage_entry(status, "finetune")
+    assert entry["state"] == "Succeeded"
+    assert entry["checkpoint"] == done.uri
+    assert entry["metrics"] == {"perplexity": 31.5, "loss": 3.45}
+    assert status["currentStage"] == "classifier"
+    _, classifier_job = creates(decision)
+    assert classifier_job.name == "topics-classifier-a1"
+    annotations = classifier_job.body["metadata"]["annotations"]
+    assert annotations["ulmfit.io/init-checkpoint"] == done.uri
+    reasons = [e.reason for e in decision.events]
+    assert reasons == ["StageSucceeded", "StageStarted"]
+    assert [stage for stage, _ in decision.completed_stages] == ["finetune"]
+
+
+def test_operator_walks_every_stage_to_success() -> None:
+    spec = {"stages": {"pretrain": {"enabled": True}}}
+    body = job(spec)
+    finals: dict[str, FinalCheckpoint] = {}
+    children: list[Child] = []
+    seen_stages = []
+    for stage in ("pretrain", "finetune", "classifier", "evaluate"):
+        store = Store(finals=finals)
+        decision = store.decide(body, children)
+        made = creates(decision)
+        assert [a.kind for a in made] == [
+            "ConfigMap",
+            "Job" if stage == "evaluate" else "PyTorchJob",
+        ]
+        assert made[1].name == f"topics-{stage}-a1"
+        seen_stages.append(stage)
+        body = after(body, decision)
+        children.append(child(stage, 1, ChildPhase.SUCCEEDED))
+        metrics = {"accuracy": 0.91, "macroF1": 0.88, "majorityBaseline": 0.42}
+        finals[stage] = final(
+            stage,
+            metrics if stage == "evaluate" else {"loss": 1.0},
+            model_uri="s3://ulmfit-test/ulmfit/team/topics/model" if stage == "evaluate" else None,
+        )
+    store = Store(finals=finals)
+    decision = store.decide(body, children)
+    # Stages already recorded as Succeeded are not read again; only the last one is.
+    assert store.asked == [("evaluate", "checkpoint")]
+    status = decision.status or {}
+    assert decision.state == "Succeeded" and not decision.actions
+    succeeded = condition(status, "Succeeded")
+    assert succeeded is not None and succeeded["status"] == "True"
+    running = condition(status, "Running")
+    assert running is not None and running["status"] == "False"
+    assert status["result"] == {
+        "modelUri": "s3://ulmfit-test/ulmfit/team/topics/model",
+        "testMetrics": {"accuracy": 0.91, "macroF1": 0.88, "majorityBaseline": 0.42},
+    }
+    assert status["progress"] == "Succeeded"
+    assert all(s["state"] == "Succeeded" for s in status["stages"])
+    assert [e.reason for e in decision.events] == ["StageSucceeded", "Succeeded"]
+    assert "accuracy 0.9100" in decision.events[-1].message
+    assert seen_stages == ["pretrain", "finetune", "classifier", "evaluate"]
+    finished = decide(after(body, decision), children, finals=finals)
+    assert finished.status is None and finished.actions == () and finished.events == ()
+
+
+def test_operator_stale_final_checkpoint_of_an_earlier_job_is_ignored() -> None:
+    old = final("finetune", created_at=CREATED - timedelta(days=1))
+    decision = decide(job(), finals={"finetune": old})
+    assert (decision.status or {})["currentStage"] == "finetune"
+    assert [a.name for a in creates(decision)][-1] == "topics-finetune-a1"
+
+
+def test_operator_status_is_a_cache_that_can_be_recomputed() -> None:
+    # No status at all, but the cluster and the store know: finetune is done, classifier a1
+    # failed and a2 runs. The operator picks up exactly there.
+    children = [
+        child("finetune", 1, ChildPhase.SUCCEEDED),
+        child("classifier", 1, ChildPhase.FAILED, message="Error: exit 1"),
+        child("classifier", 2, ChildPhase.RUNNING),
+    ]
+    decision = decide(job(), children, finals={"finetune": final("finetune")})
+    assert not creates(decision)
+    status = decision.status or {}
+    assert status["currentStage"] == "classifier"
+    entry = stage_entry(status, "classifier")
+    assert entry["attempts"] == 2 and entry["failures"] == 1 and entry["state"] == "Running"
+    assert stage_entry(status, "finetune")["state"] == "Succeeded"
+
+
+def test_operator_ignores_children_of_another_owner() -> None:
+    stranger = child("finetune", 1, owner="someone-else")
+    decision = decide(job(), [stranger])
+    assert [a.name for a in creates(decision)][-1] == "topics-finetune-a1"
+    assert not [a for a in decision.actions if isinstance(a, DeleteChild)]
+
+
+# -------------------------------------------------------------------------------------- retries
+
+
+def test_operator_failed_attempt_is_replaced_by_the_next() -> None:
+    body = after(job(), decide(job()))
+    failed = child("finetune", 1, ChildPhase.FAILED, message="OOMKilled: out of memory")
+    decision = decide(body, [failed])
+    made = creates(decision)
+    assert made[-1].name == "topics-finetune-a2"
+    entry = stage_entry(decision.status or {}, "finetune")
+    assert entry["attempts"] == 2 and entry["failures"] == 1
+    assert "OOMKilled" in entry["message"]
+    assert "retry 1 of 3" in decision.events[-1].message
+
+
+def test_operator_success_without_a_final_checkpoint_is_a_failed_attempt() -> None:
+    body = after(job(), decide(job()))
+    decision = decide(body, [child("finetune", 1, ChildPhase.SUCCEEDED)])
+    assert creates(decision)[-1].name == "topics-finetune-a2"
+    entry = stage_entry(decision.status or {}, "finetune")
+    assert entry["failures"] == 1
+    assert "without a final checkpoint" in entry["message"]
+
+
+def test_operator_backoff_limit_fails_the_job_with_the_reason() -> None:
+    body = job({"runPolicy": {"backoffLimit": 1}})
+    children = [
+        child("finetune", 1, ChildPhase.FAILED, message="BackoffLimitExceeded: exit 137"),
+        child("finetune", 2, ChildPhase.SUCCEEDED),
+    ]
+    decision = decide(body, children)
+    assert not creates(decision)
+    status = decision.status or {}
+    failed = condition(status, "Failed")
+    assert failed is not None and failed["reason"] == "BackoffLimitExceeded"
+    assert "finetune failed 2 times" in failed["message"]
+    assert stage_entry(status, "finetune")["state"] == "Failed"
+    assert status["progress"] == "Failed: BackoffLimitExceeded"
+    warning = decision.events[-1]
+    assert warning.type == "Warning" and warning.reason == "BackoffLimitExceeded"
+    # Finished: nothing more happens, however often it is looked at.
+    again = decide(after(body, decision), children)
+    assert again.status is None and again.actions == () and again.events == ()
+
+
+def test_operator_stalled_attempt_is_stopped_and_counted() -> None:
+    body = after(job(), decide(job()))
+    started = NOW - timedelta(hours=2)
+    running = child("finetune", 1, created=started)
+    progress = {"stage": "finetune", "step": 5, "updatedAt": format_time(NOW - timedelta(hours=1))}
+    decision = decide(body, [running], progress={"finetune": progress})
+    [stop] = [a for a in decision.actions if isinstance(a, StopChild)]
+    assert stop.child.name == "topics-finetune-a1" and stop.reason == "ProgressDeadlineExceeded"
+    assert stop.resource_version == "7"
+    assert not creates(decision)  # the next attempt comes once the stop is seen
+    assert stage_entry(decision.status or {}, "finetune")["failures"] == 1
+    assert any(e.reason == "ProgressDeadlineExceeded" for e in decision.events)
+    stopped = child("finetune", 1, ChildPhase.SUSPENDED, created=started, stopped="x")
+    nxt = decide(after(body, decision), [stopped])
+    assert creates(nxt)[-1].name == "topics-finetune-a2"
+
+
+def test_operator_progress_from_an_earlier_attempt_does_not_count() -> None:
+    body = after(job(), decide(job()))
+    created = NOW - timedelta(minutes=10)
+    progress = {"stage": "finetune", "updatedAt": format_time(created - timedelta(hours=3))}
+    decision = decide(
+        body, [child("finetune", 2, created=created)], progress={"finetune": progress}
+    )
+    assert not [a for a in decision.actions if isinstance(a, StopChild)]
+    assert decision.requeue_after == pytest.approx(1800 - 600, abs=1)
+
+
+def test_operator_keeps_exactly_one_active_attempt() -> None:
+    body = after(job(), decide(job()))
+    decision = decide(body, [child("finetune", 1), child("finetune", 2)])
+    deletes = [a.child.name for a in decision.actions if isinstance(a, DeleteChild)]
+    assert deletes == ["topics-finetune-a1"]
+    assert not creates(decision)
+
+
+# ------------------------------------------------------------------------------------ run policy
+
+
+def test_operator_suspend_deletes_children_and_resume_starts_again() -> None:
+    body = after(job(), decide(job()))
+    body["spec"]["runPolicy"] = {"suspend": True}
+    suspended = decide(body, [child("finetune", 1)])
+    assert [a.child.name for a in suspended.actions if isinstance(a, DeleteChild)] == [
+        "topics-finetune-a1"
+    ]
+    assert not creates(suspended)
+    status = suspended.status or {}
+    flag = condition(status, "Suspended")
+    assert flag is not None and flag["status"] == "True"
+    running = condition(status, "Running")
+    assert running is not None and running["status"] == "False"
+    assert status["progress"] == "Suspended"
+    assert suspended.state == "Suspended"
+    assert [e.reason for e in suspended.events] == ["Suspended"]
+    # While suspended nothing changes.
+    body = after(body, suspended)
+    assert decide(body).status is None
+    # Resume: the Suspended condition flips, the deadline clock restarts, a child comes back.
+    body["spec"]["runPolicy"] = {"suspend": False}
+    resumed = Store().decide(body, [], now=NOW + timedelta(hours=1))
+    status = resumed.status or {}
+    flag = condition(status, "Suspended")
+    assert flag is not None and flag["status"] == "False" and flag["reason"] == "Resumed"
+    assert status["startTime"] == format_time(NOW + timedelta(hours=1))
+    assert creates(resumed)[-1].name == "topics-finetune-a1"
+    assert "Resumed" in [e.reason for e in resumed.events]
+
+
+def test_operator_active_deadline_fails_the_job() -> None:
+    body = after(job({"runPolicy": {"activeDeadlineSeconds": 60}}), decide(job()))
+    early = Store().decide(body, [child("finetune", 1)], now=CREATED + timedelta(seconds=30))
+    assert early.state == "Running"
+    assert early.requeue_after == pytest.approx(30)
+    late = Store().decide(body, [child("finetune", 1)], now=CREATED + timedelta(seconds=61))
+    failed = condition(late.status or {}, "Failed")
+    assert failed is not None and failed["reason"] == "DeadlineExceeded"
+    assert [a.child.name for a in late.actions if isinstance(a, DeleteChild)] == [
+        "topics-finetune-a1"
+    ]
+    assert late.events[-1].type == "Warning"
+
+
+def test_operator_ttl_after_finished_deletes_the_job() -> None:
+    body = job({"runPolicy": {"backoffLimit": 0, "ttlSecondsAfterFinished": 30}})
+    failed = decide(body, [child("finetune", 1, ChildPhase.FAILED)])
+    assert failed.requeue_after == 30
+    body = after(body, failed)
+    finished_at = NOW
+    waiting = Store().decide(body, now=finished_at + timedelta(seconds=10))
+    assert waiting.requeue_after == pytest.approx(20)
+    assert not [a for a in waiting.actions if isinstance(a, DeleteJob)]
+    due = Store().decide(body, now=finished_at + timedelta(seconds=31))
+    assert [a for a in due.actions if isinstance(a, DeleteJob)]
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+def test_operator_event_messages_stay_under_the_api_limit() -> None:
+    body = job({"runPolicy": {"backoffLimit": 0}})
+    failure = child("finetune", 1, ChildPhase.FAILED, message="x" * 5000)
+    decision = decide(body, [failure])
+    assert decision.events and all(len(e.message) < 1024 for e in decision.events)
+
+
+def test_operator_numeric_metrics_keep_only_finite_numbers() -> None:
+    raw = {"accuracy": 0.9, "n": 10, "flag": True, "name": "x", "nan": float("nan"), "d": {}}
+    assert numeric_metrics(raw) == {"accuracy": 0.9, "n": 10.0}
+    checkpoint = final_checkpoint(
+        "s3://b/p", "2026-03-01T12:01:00.000Z", {"metrics": raw, "modelUri": "s3://b/model"}
+    )
+    assert checkpoint.model_uri == "s3://b/model"
+    assert checkpoint.created_at == CREATED + timedelta(minutes=1)

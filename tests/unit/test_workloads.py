@@ -1,0 +1,231 @@
+"""The child objects: what the Training Operator and the kubelet will get, and reading them back."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from ulmfit_operator.api import Metadata, ULMFiTJob, parse_spec
+from ulmfit_operator.plan import make_plan
+from ulmfit_operator.workloads import (
+    ANNOTATION_STOPPED,
+    MAX_CHILD_NAME,
+    ChildPhase,
+    Owner,
+    child_name,
+    evaluate_job,
+    observe_child,
+    pytorch_job,
+    stage_config_map,
+    stop_patch,
+)
+from ulmfit_trainer.config import StageConfig
+
+pytestmark = pytest.mark.timeout(60)
+
+OWNER = Owner("topics", "team", "uid-1")
+SPEC = {
+    "storage": {
+        "s3": {"endpoint": "http://minio:9000", "bucket": "ulmfit", "accessKeyEnv": "MY_KEY"},
+        "credentialsSecretRef": "s3-keys",
+    },
+    "resources": {
+        "workers": 3,
+        "processesPerWorker": 2,
+        "gpusPerWorker": 2,
+        "image": "registry.example/trainer:1",
+        "nodeSelector": {"pool": "gpu"},
+    },
+}
+
+
+def planned(spec: dict[str, Any] = SPEC) -> tuple[Any, Any]:
+    parsed = parse_spec(spec)
+    job = ULMFiTJob(metadata=Metadata(name="topics", namespace="team"), spec=parsed)
+    assert parsed.storage.s3 is not None
+    return parsed, make_plan(job, parsed.storage.s3.root, parsed.storage.s3)
+
+
+def container(pod_template: dict[str, Any]) -> dict[str, Any]:
+    [only] = pod_template["spec"]["containers"]
+    return only
+
+
+def test_operator_pytorchjob_has_master_workers_gpus_and_torchrun() -> None:
+    spec, plan = planned()
+    stage = plan.stage("classifier")
+    body = pytorch_job(OWNER, stage, spec, attempt=2, init_checkpoint="s3://ulmfit/x/final")
+    assert body["apiVersion"] == "kubeflow.org/v1" and body["kind"] == "PyTorchJob"
+    meta = body["metadata"]
+    assert meta["name"] == "topics-classifier-a2" and meta["namespace"] == "team"
+    assert meta["ownerReferences"] == [OWNER.reference()]
+    assert meta["labels"]["ulmfit.io/stage"] == "classifier"
+    assert meta["labels"]["ulmfit.io/attempt"] == "2"
+    assert meta["annotations"]["ulmfit.io/init-checkpoint"] == "s3://ulmfit/x/final"
+    replicas = body["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
+    assert body["spec"]["nprocPerNode"] == "2"
+    assert body["spec"]["runPolicy"] == {"backoffLimit": 0, "cleanPodPolicy": "Running"}
+    for role in ("Master", "Worker"):
+        template = replicas[role]["template"]
+        assert replicas[role]["restartPolicy"] == "Never"
+        pod = template["spec"]
+        main = container(template)
+        assert main["name"] == "pytorch"
+        assert main["image"] == "registry.example/trainer:1"
+        assert main["command"][:3] == ["torchrun", "--nnodes=3", "--nproc-per-node=2"]
+        assert "--master-addr=$(MASTER_ADDR)" in main["command"]
+        assert main["command"][-5:] == [
+            "-m",
+            "ulmfit_trainer",
+            "classifier",
+            "--config",
+            "/etc/ulmfit/stage.json",
+        ]
+        assert main["ports"] == [{"containerPort": 23456, "name": "pytorchjob-port"}]
+        assert main["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "2"}
+        env = {e["name"]: e for e in main["env"]}
+        assert env["MY_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "s3-keys",
+            "key": "AWS_ACCESS_KEY_ID",
+        }
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["key"] == (
+            "AWS_SECRET_ACCESS_KEY"
+        )
+        context = main["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert context["allowPrivilegeEscalation"] is False
+        assert context["readOnlyRootFilesystem"] is True
+        assert context["capabilities"] == {"drop": ["ALL"]}
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["nodeSelector"] == {"pool": "gpu"}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["stage-config"]["configMap"]["name"] == "topics-classifier-a2-config"
+        mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+        assert mounts["/etc/ulmfit"]["readOnly"] is True
+
+
+def test_operator_cpu_job_without_workers_or_gpus() -> None:
+    spec, plan = planned({"storage": SPEC["storage"]})
+    body = pytorch_job(OWNER, plan.stage("finetune"), spec, attempt=1)
+    assert set(body["spec"]["pytorchReplicaSpecs"]) == {"Master"}
+    limits = container(body["spec"]["pytorchReplicaSpecs"]["Master"]["template"])["resources"]
+    assert "nvidia.com/gpu" not in limits["limits"]
+    assert "annotations" not in body["metadata"]
+
+
+def test_operator_evaluate_is_a_single_pod_batch_job() -> None:
+    spec, plan = planned()
+    body = evaluate_job(OWNER, plan.stage("evaluate"), spec, attempt=1)
+    assert body["apiVersion"] == "batch/v1" and body["kind"] == "Job"
+    assert body["spec"]["backoffLimit"] == 0
+    template = body["spec"]["template"]
+    assert template["spec"]["restartPolicy"] == "Never"
+    main = container(template)
+    assert main["command"] == [
+        "python",
+        "-m",
+        "ulmfit_trainer",
+        "evaluate",
+        "--config",
+        "/etc/ulmfit/stage.json",
+    ]
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "ports" not in main
+
+
+def test_operator_config_map_holds_the_stage_config() -> None:
+    _, plan = planned()
+    stage = plan.stage("classifier")
+    body = stage_config_map(OWNER, "topics-classifier-a1", stage, attempt=1)
+    assert body["metadata"]["name"] == "topics-classifier-a1-config"
+    assert body["metadata"]["ownerReferences"] == [OWNER.reference()]
+    config = StageConfig.model_validate(json.loads(body["data"]["stage.json"]))
+    assert config == stage.config
+    assert config.init_from == "finetune" and config.run == "team/topics"
+
+
+def test_operator_child_names_are_deterministic_and_fit() -> None:
+    assert child_name("topics", "finetune", 3) == "topics-finetune-a3"
+    assert child_name("1abc", "finetune", 1) == "u1abc-finetune-a1"
+    long = "a" * 63
+    name = child_name(long, "classifier", 12)
+    assert len(name) <= MAX_CHILD_NAME and name.endswith("-classifier-a12")
+    assert name == child_name(long, "classifier", 12)
+    assert name != child_name("a" * 62 + "b", "classifier", 12)
+
+
+def _pytorchjob(conditions: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
+    _, plan = planned({"storage": SPEC["storage"]})
+    spec = parse_spec({"storage": SPEC["storage"]})
+    body = pytorch_job(OWNER, plan.stage("finetune"), spec, attempt=1)
+    body["metadata"].update(
+        {"creationTimestamp": "2026-03-01T12:00:00Z", "resourceVersion": "9"}, **extra
+    )
+    body["status"] = {"conditions": conditions}
+    return body
+
+
+@pytest.mark.parametrize(
+    ("conditions", "phase"),
+    [
+        ([], ChildPhase.PENDING),
+        ([{"type": "Created", "status": "True"}], ChildPhase.PENDING),
+        (
+            [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}],
+            ChildPhase.RUNNING,
+        ),
+        (
+            [{"type": "Running", "status": "False"}, {"type": "Succeeded", "status": "True"}],
+            ChildPhase.SUCCEEDED,
+        ),
+        (
+            [
+                {"type": "Running", "status": "False"},
+                {"type": "Failed", "status": "True", "reason": "Evicted", "message": "node gone"},
+            ],
+            ChildPhase.FAILED,
+        ),
+    ],
+)
+def test_operator_reads_pytorchjob_conditions(
+    conditions: list[dict[str, str]], phase: ChildPhase
+) -> None:
+    child = observe_child(_pytorchjob(conditions))
+    assert child is not None
+    assert child.phase == phase
+    assert child.stage == "finetune" and child.attempt == 1 and child.job == "topics"
+    assert child.owner_uid == "uid-1"
+    if phase == ChildPhase.FAILED:
+        assert child.message == "Evicted: node gone"
+    assert child.active is (phase in (ChildPhase.PENDING, ChildPhase.RUNNING))
+
+
+def test_operator_reads_batch_job_status() -> None:
+    spec, plan = planned()
+    body = evaluate_job(OWNER, plan.stage("evaluate"), spec, attempt=1)
+    body["status"] = {"active": 1}
+    child = observe_child(body)
+    assert child is not None and child.phase == ChildPhase.RUNNING
+    body["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    child = observe_child(body)
+    assert child is not None and child.phase == ChildPhase.SUCCEEDED
+
+
+def test_operator_stopped_child_is_no_longer_active() -> None:
+    body = _pytorchjob([{"type": "Running", "status": "True"}])
+    patch = stop_patch("PyTorchJob", "ProgressDeadlineExceeded")
+    assert patch["spec"] == {"runPolicy": {"suspend": True}}
+    body["metadata"]["annotations"] = patch["metadata"]["annotations"]
+    child = observe_child(body)
+    assert child is not None and child.stopped == "ProgressDeadlineExceeded"
+    assert not child.active
+    assert ANNOTATION_STOPPED in patch["metadata"]["annotations"]
+    assert stop_patch("Job", "x")["spec"] == {"suspend": True}
+
+
+def test_operator_foreign_objects_are_not_children() -> None:
+    assert observe_child({"kind": "PyTorchJob", "metadata": {"name": "x", "labels": {}}}) is None
+    assert observe_child({"kind": "Pod", "metadata": {"labels": {"ulmfit.io/job": "x"}}}) is None
