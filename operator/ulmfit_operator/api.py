@@ -137,8 +137,8 @@ class ULMFiTJob(WireModel):
 
     model_config = ConfigDict(**{**WireModel.model_config, "extra": "ignore"})
 
-    api_version: Literal["ulmfit.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
-    kind: Literal["ULMFiTJob"] = KIND
+    api_version: Literal["ulmfit.io/v1alpha1"] = Field("ulmfit.io/v1alpha1", alias="apiVersion")
+    kind: Literal["ULMFiTJob"] = "ULMFiTJob"
     metadata: Metadata
     spec: ULMFiTJobSpec = Field(default_factory=ULMFiTJobSpec)
 

@@ -7,6 +7,7 @@ wherever it runs; only the store root differs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ulmfit_trainer.config import StageConfig, StageName
 from ulmfit_trainer.store import S3Settings
@@ -51,7 +52,7 @@ class Plan:
 def make_plan(job: ULMFiTJob, store_root: str, s3: S3Settings | None = None) -> Plan:
     """Order the enabled stages and give each the checkpoint of the one before it."""
     spec = job.spec
-    common = {
+    common: dict[str, Any] = {
         "run": job.run_id,
         "store_root": store_root,
         "s3": s3,

@@ -55,7 +55,7 @@ EVALUATE_CONTAINER = "evaluate"
 CONFIG_DIR = "/etc/ulmfit"
 CONFIG_FILE = "stage.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
-RUN_AS_USER = 1000
+RUN_AS_USER = 65532  # the non-root user of the Dockerfile's trainer image
 
 # The Training Operator names pods and Services `<child>-worker-<index>` (a DNS-1035 label,
 # at most 63 characters): 50 leaves room for `-worker-1023`.
