@@ -1,0 +1,88 @@
+"""ULMFiT's low-shot claim on the embedded data: does LM pretraining make 100 labels worth more?
+
+Runs, in one go and with the same model shape and classifier settings as the embedded example:
+  * `ulmfit-100`: the full pipeline (LM pretraining, LM fine-tuning, classifier) with 100 labels;
+  * `scratch-100`: the classifier alone, from random weights, on the same 100 labels;
+  * `scratch-1000`: the classifier alone on 10x more labels (the paper's comparison point).
+Prints one JSON line per run (test error) plus the ratios, each measured in this run:
+    python benchmarks/ulmfit_lowshot.py [--labels 100] [--nproc 2] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "ulmfitjob.yaml"
+
+
+def variant(base: dict, name: str, labels: int, pretrained_lm: bool) -> dict:
+    job = copy.deepcopy(base)
+    job["metadata"] = {"name": name}
+    spec = job["spec"]
+    spec.setdefault("data", {})["maxTrainExamples"] = labels
+    stages = spec.setdefault("stages", {})
+    if not pretrained_lm:
+        stages["pretrain"] = {**stages.get("pretrain", {}), "enabled": False}
+        stages["finetune"] = {**stages.get("finetune", {}), "enabled": False}
+    return job
+
+
+def run(job: dict, workdir: Path, nproc: int) -> tuple[float, float]:
+    path = workdir / f"{job['metadata']['name']}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, "-m", "ulmfit_operator.cli", "run", str(path),
+         "--workdir", str(workdir / job["metadata"]["name"]), "--nproc", str(nproc)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
+        raise SystemExit(f"{job['metadata']['name']} failed ({completed.returncode})")
+    result = json.loads((workdir / job["metadata"]["name"] / "result.json").read_text())
+    return 1.0 - float(result["test"]["accuracy"]), time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--labels", type=int, default=100)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    base = yaml.safe_load(EXAMPLE.read_text())
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ulmfit-lowshot-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    runs = {
+        f"ulmfit-{args.labels}": variant(base, f"ulmfit-{args.labels}", args.labels, True),
+        f"scratch-{args.labels}": variant(base, f"scratch-{args.labels}", args.labels, False),
+        f"scratch-{args.labels * 10}": variant(
+            base, f"scratch-{args.labels * 10}", args.labels * 10, False
+        ),
+    }
+    errors = {}
+    for name, job in runs.items():
+        errors[name], seconds = run(job, workdir, args.nproc)
+        print(json.dumps({"name": f"test_error_{name}", "value": round(errors[name], 4),
+                          "unit": "fraction", "seconds": round(seconds, 1)}), flush=True)  # fmt: skip
+    ours = errors[f"ulmfit-{args.labels}"]
+    for name in (f"scratch-{args.labels}", f"scratch-{args.labels * 10}"):
+        print(json.dumps({
+            "name": f"error_ulmfit_{args.labels}_vs_{name}", "value": round(ours, 4),
+            "unit": "fraction", "baseline": round(errors[name], 4),
+            "ratio": round(ours / errors[name], 3) if errors[name] else None,
+        }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
