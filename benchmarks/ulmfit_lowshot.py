@@ -73,8 +73,9 @@ def main() -> None:
     errors = {}
     for name, job in runs.items():
         errors[name], seconds = run(job, workdir, args.nproc)
-        print(json.dumps({"name": f"test_error_{name}", "value": round(errors[name], 4),
-                          "unit": "fraction", "seconds": round(seconds, 1)}), flush=True)  # fmt: skip
+        line = {"name": f"test_error_{name}", "value": round(errors[name], 4),
+                "unit": "fraction", "seconds": round(seconds, 1)}  # fmt: skip
+        print(json.dumps(line), flush=True)
     ours = errors[f"ulmfit-{args.labels}"]
     for name in (f"scratch-{args.labels}", f"scratch-{args.labels * 10}"):
         print(json.dumps({
