@@ -1,0 +1,90 @@
+"""``python -m ulmfit_trainer STAGE --config FILE``: the entry point of a training pod.
+
+Exit status: 0 when the stage finished (or had already finished), 1 when it failed, 2 for a bad
+command line or config. A stage whose final checkpoint is already committed prints its stored
+metrics and exits before torch is even imported, so rerunning a finished stage costs nothing.
+On success rank 0 prints one ``@metrics {json}`` line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import traceback
+
+from ulmfit_trainer.config import StageConfig, StageName
+
+METRICS_PREFIX = "@metrics "
+log = logging.getLogger("ulmfit_trainer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ulmfit_trainer", description=__doc__)
+    parser.add_argument("stage", choices=[s.value for s in StageName], help="the stage to run")
+    parser.add_argument("--config", required=True, help="StageConfig JSON file")
+    args = parser.parse_args(argv)
+
+    try:
+        config = StageConfig.read(args.config)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read stage config {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if config.stage.value != args.stage:
+        print(
+            f"error: {args.config} configures stage {config.stage.value!r}, "
+            f"but the command line asks for {args.stage!r}",
+            file=sys.stderr,
+        )
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+
+    from ulmfit_trainer.store import CheckpointStore, open_store
+
+    try:
+        checkpoints = CheckpointStore(open_store(config.store_root, config.s3), config.run)
+        finished = [c for c in checkpoints.committed(config.stage.value) if c.final]
+    except Exception as exc:
+        print(f"error: cannot read the store {config.store_root}: {exc}", file=sys.stderr)
+        return 1
+    if finished:
+        if rank == 0:
+            print(f"stage {args.stage} already finished: {finished[-1].uri}", file=sys.stderr)
+            print(METRICS_PREFIX + json.dumps(finished[-1].meta.get("metrics", {})), flush=True)
+        return 0
+
+    from ulmfit_trainer.stages import stage_runner
+
+    try:
+        metrics = stage_runner(config.stage)(config)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("stage %s failed: %s\n%s", args.stage, message, traceback.format_exc())
+        with contextlib.suppress(Exception):  # the failure itself matters more
+            checkpoints.write_progress(
+                config.stage.value, {"state": "failed", "message": message[:1000], "rank": rank}
+            )
+        return 1
+    finally:
+        _leave_process_group()
+    if rank == 0:
+        print(METRICS_PREFIX + json.dumps(metrics, sort_keys=True), flush=True)
+    return 0
+
+
+def _leave_process_group() -> None:
+    torch = sys.modules.get("torch")
+    if (
+        torch is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

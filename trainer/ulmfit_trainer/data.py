@@ -1,0 +1,264 @@
+"""Datasets: reading the splits, seeded caps, LM blocks, classifier inputs and per-rank order.
+
+Everything here is a deterministic function of (data, seed, rank, world size): every rank
+computes the same sample and the same permutation, and a resumed run finds batch ``b`` of epoch
+``e`` exactly where the killed run had it, so skipping finished batches costs nothing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ulmfit_trainer.config import DataSpec
+from ulmfit_trainer.errors import InvalidSpec, PermanentError
+from ulmfit_trainer.store import S3Settings, fetch
+
+SPLITS = ("train", "valid", "test", "unlabeled")
+LABELED = ("train", "valid", "test")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def dataset_dir(uri: str, s3: S3Settings | None, workdir: str | Path) -> Path:
+    """A local directory holding the dataset at ``uri`` (downloaded when it is on S3)."""
+    if uri.startswith("builtin://"):
+        from ulmfit_trainer.datasets import builtin_dataset_dir
+
+        return Path(builtin_dataset_dir(uri.removeprefix("builtin://")))
+    if uri.startswith("s3://"):
+        return fetch(uri, Path(workdir) / "dataset", s3)
+    path = fetch(uri, workdir, s3)
+    if not path.is_dir():
+        raise InvalidSpec([("data.dataset", uri, "no such directory")])
+    return path
+
+
+def _split_file(directory: Path, split: str) -> Path | None:
+    for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
+        if (directory / name).exists():
+            return directory / name
+    return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def seeded_sample(items: list, k: int | None, seed: int, salt: str) -> list:
+    """At most ``k`` items, the same ones for a given seed on every rank, in their file order."""
+    if k is None or k >= len(items):
+        return items
+    rng = random.Random(f"{seed}:{salt}")
+    return [items[i] for i in sorted(rng.sample(range(len(items)), k))]
+
+
+@dataclass
+class TextDataset:
+    """The splits of one dataset (already capped) and its label set."""
+
+    splits: dict[str, list[dict]]
+    text_field: str
+    label_field: str
+    labels: list[str] = field(default_factory=list)
+    multi_label: bool = False
+
+    def has(self, split: str) -> bool:
+        return bool(self.splits.get(split))
+
+    def texts(self, split: str) -> list[str]:
+        return [str(row[self.text_field]) for row in self.splits.get(split, [])]
+
+    def targets(self, split: str) -> list[str | list[str]]:
+        rows = self.splits.get(split, [])
+        try:
+            return [row[self.label_field] for row in rows]
+        except KeyError:
+            raise PermanentError(
+                f"split {split!r} has a row without label field {self.label_field!r}"
+            ) from None
+
+    def label_index(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+
+def load_dataset(
+    spec: DataSpec, s3: S3Settings | None, seed: int, workdir: str | Path
+) -> TextDataset:
+    directory = dataset_dir(spec.dataset, s3, workdir)
+    caps = {
+        "train": spec.max_train_examples,
+        "valid": spec.max_eval_examples,
+        "test": spec.max_eval_examples,
+        "unlabeled": spec.max_unlabeled_examples,
+    }
+    splits: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        path = _split_file(directory, split)
+        if path is not None:
+            splits[split] = seeded_sample(read_jsonl(path), caps[split], seed, split)
+    if not splits:
+        raise InvalidSpec(
+            [("data.dataset", spec.dataset, "holds no train/valid/test/unlabeled .jsonl(.gz)")]
+        )
+    for split, rows in splits.items():
+        if rows and spec.text_field not in rows[0]:
+            raise InvalidSpec([("data.textField", spec.text_field, f"not a key of {split} rows")])
+
+    seen = [
+        row[spec.label_field]
+        for split in LABELED
+        for row in splits.get(split, [])
+        if spec.label_field in row
+    ]
+    multi_label = any(isinstance(label, list) for label in seen)
+    labels_file = directory / "labels.json"
+    if labels_file.exists():
+        labels = [str(label) for label in json.loads(labels_file.read_text())]
+    else:
+        flat = chain.from_iterable(x if isinstance(x, list) else [x] for x in seen)
+        labels = sorted({str(label) for label in flat})
+    return TextDataset(splits, spec.text_field, spec.label_field, labels, multi_label)
+
+
+# --------------------------------------------------------------------------- LM data
+
+
+def lm_texts(dataset: TextDataset, pretraining: bool) -> list[str]:
+    """Pretraining reads the unlabeled corpus; fine-tuning the target task's own text (train and
+    unlabeled, labels unused) - ULMFiT adapts the LM to the task's distribution."""
+    if pretraining:
+        return dataset.texts("unlabeled") or dataset.texts("train")
+    return dataset.texts("train") + dataset.texts("unlabeled")
+
+
+def lm_blocks(tokenizer, texts: Sequence[str], block_size: int) -> torch.Tensor:
+    """One token stream (each text framed by <s> ... </s>) cut into ``block_size`` rows."""
+    if not texts:
+        return torch.empty((0, block_size), dtype=torch.long)
+    ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64)
+    rows = len(flat) // block_size
+    return torch.from_numpy(flat[: rows * block_size].reshape(rows, block_size).copy())
+
+
+# --------------------------------------------------------------------------- classifier data
+
+
+@dataclass
+class Encoded:
+    """Token ids per document (cut to ``max_length``) and their targets."""
+
+    ids: list[list[int]]
+    targets: torch.Tensor
+    """Class indices (N,) for one label per document, multi-hot floats (N, C) for lists."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.ids)
+
+
+def encode_targets(raw: Sequence, labels: list[str], multi_label: bool) -> torch.Tensor:
+    index = {label: i for i, label in enumerate(labels)}
+
+    def lookup(label: object) -> int:
+        try:
+            return index[str(label)]
+        except KeyError:
+            raise PermanentError(f"label {label!r} is not one of {labels}") from None
+
+    if not multi_label:
+        return torch.tensor([lookup(x) for x in raw], dtype=torch.long)
+    out = torch.zeros((len(raw), len(labels)), dtype=torch.float32)
+    for row, value in enumerate(raw):
+        for label in value if isinstance(value, list) else [value]:
+            out[row, lookup(label)] = 1.0
+    return out
+
+
+def encode_classification(
+    tokenizer,
+    texts: Sequence[str],
+    targets: Sequence,
+    labels: list[str],
+    multi_label: bool,
+    max_length: int,
+) -> Encoded:
+    ids = (
+        tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"] if texts else []
+    )
+    return Encoded(ids, encode_targets(targets, labels, multi_label))
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask, as long as the longest sequence in the batch."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- order
+
+
+class ShardedOrder:
+    """Which items rank ``rank`` sees in micro batch ``index`` of ``epoch``.
+
+    Each epoch is one permutation drawn from (seed, epoch) and dealt round-robin to the ranks;
+    every rank gets the same number of full batches (the tail is dropped) so the collectives of
+    a data-parallel step always line up.
+    """
+
+    def __init__(
+        self, n_items: int, batch_size: int, rank: int, world: int, seed: int, shuffle: bool = True
+    ):
+        self.n_items, self.batch_size = n_items, batch_size
+        self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
+        self.batches_per_epoch = (n_items // world) // batch_size
+        if self.batches_per_epoch == 0:
+            raise PermanentError(
+                f"{n_items} examples cannot fill one batch of {batch_size} on each of {world} "
+                "processes: lower the batch size or use more data"
+            )
+        self._epoch: int | None = None
+        self._mine = torch.empty(0, dtype=torch.long)
+
+    def _indices(self, epoch: int) -> torch.Tensor:
+        if self._epoch != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                perm = torch.randperm(self.n_items, generator=generator)
+            else:
+                perm = torch.arange(self.n_items)
+            self._mine = perm[self.rank :: self.world][: self.batches_per_epoch * self.batch_size]
+            self._epoch = epoch
+        return self._mine
+
+    def batch(self, epoch: int, index: int) -> torch.Tensor:
+        start = index * self.batch_size
+        return self._indices(epoch)[start : start + self.batch_size]
+
+    def position(self, micro_step: int) -> tuple[int, int]:
+        """(epoch, batch index) of the ``micro_step``-th micro batch since the start."""
+        return divmod(micro_step, self.batches_per_epoch)
+
+
+def eval_shard(n_items: int, rank: int, world: int) -> range:
+    """This rank's share of an evaluation set (sizes may differ by one; results are summed)."""
+    return range(rank, n_items, world)

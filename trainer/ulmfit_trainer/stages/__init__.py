@@ -1,0 +1,114 @@
+"""The pipeline's stages. Each module has ``run(config: StageConfig) -> dict[str, float]``; every
+rank calls it and rank 0's metrics are the stage's result.
+
+``Context`` is what every stage starts with: the process group, the run's checkpoint store, a
+scratch directory, the dataset and the job's tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ulmfit_trainer.config import StageConfig, StageName
+
+log = logging.getLogger(__name__)
+
+MODULES = {
+    StageName.PRETRAIN: "ulmfit_trainer.stages.lm",
+    StageName.FINETUNE: "ulmfit_trainer.stages.lm",
+    StageName.CLASSIFIER: "ulmfit_trainer.stages.classifier",
+    StageName.EVALUATE: "ulmfit_trainer.stages.evaluate",
+}
+
+
+def stage_runner(stage: StageName) -> Callable[[StageConfig], dict[str, float]]:
+    return importlib.import_module(MODULES[stage]).run
+
+
+@dataclass
+class Context:
+    config: StageConfig
+    dist: Any  # engine.Dist
+    checkpoints: Any  # store.CheckpointStore
+    work: Path
+    _dataset: Any = field(default=None, repr=False)
+
+    @property
+    def stage(self) -> str:
+        return self.config.stage.value
+
+    @classmethod
+    def start(cls, config: StageConfig, use_deepspeed: bool = True) -> Context:
+        from ulmfit_trainer import engine
+
+        dist = engine.init_distributed(use_deepspeed)
+        engine.log_to_stderr(dist.rank)
+        _quiet_transformers()
+        # The same seed on every rank: models are built identically before DeepSpeed syncs them,
+        # and the data order is dealt from one shared permutation.
+        engine.seed_everything(config.seed)
+        return cls(config, dist, engine.open_checkpoints(config), engine.workdir())
+
+    def dataset(self):
+        from ulmfit_trainer.data import load_dataset
+
+        if self._dataset is None:
+            c = self.config
+            self._dataset = load_dataset(c.data, c.s3, c.seed, self.work)
+        return self._dataset
+
+    def tokenizer(self):
+        """(tokenizer, local directory) of the job; trained here by rank 0 when missing."""
+        from ulmfit_trainer.tokenize import job_tokenizer
+
+        dataset = self.dataset()
+        return job_tokenizer(
+            self.config,
+            self.checkpoints,
+            # The tokenizer learns from all text the job trains on (never valid/test).
+            lambda: dataset.texts("train") + dataset.texts("unlabeled"),
+            rank=self.dist.rank,
+            barrier=self.dist.barrier,
+            workdir=self.work,
+        )
+
+    def check_tokenizer(self, stage: StageName, tok_hash: str) -> None:
+        """Weights and vocabulary must belong together: compare the hash ``stage`` recorded."""
+        from ulmfit_trainer.engine import final_checkpoint
+        from ulmfit_trainer.errors import PermanentError
+
+        final = final_checkpoint(self.checkpoints, stage.value)
+        expected = final.meta.get("tokenizerHash") if final is not None else None
+        if expected and tok_hash and expected != tok_hash:
+            raise PermanentError(
+                f"stage {stage.value} was trained with another tokenizer ({expected[:12]}) than "
+                f"this job's ({tok_hash[:12]})"
+            )
+
+    def init_dir(self, stage: StageName) -> Path:
+        """Download ``stage``'s final checkpoint (the model it exported) and return its folder."""
+        from ulmfit_trainer.errors import PermanentError
+        from ulmfit_trainer.store import NoCheckpoint
+
+        target = self.work / f"init-{stage.value}"
+        try:
+            self.checkpoints.load(stage.value, target, tag="final")
+        except NoCheckpoint:
+            raise PermanentError(
+                f"stage {self.stage} starts from stage {stage.value}, which has no final "
+                f"checkpoint under {self.checkpoints.store.uri(self.checkpoints.run)}"
+            ) from None
+        return target
+
+
+def _quiet_transformers() -> None:
+    """Keep stdout/stderr to our own lines: no per-file progress bars or advisory warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

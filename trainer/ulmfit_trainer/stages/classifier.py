@@ -1,0 +1,214 @@
+"""Classifier fine-tuning with gradual unfreezing (ULMFiT stage 3).
+
+The fine-tuned LM's encoder gets a concat-pooling head. Phase 1 trains the head alone; each later
+phase unfreezes one more layer group from the top (``schedules.unfreeze_plan``) and the last one
+trains everything, for ``epochsPerPhase + finalEpochs``. Each phase is its own slanted triangular
+cycle with discriminative rates, peaking at ``learningRate * lrDecayPerPhase^(k-1)``, on a fresh
+DeepSpeed engine (ZeRO partitions only what is trainable when the engine is made).
+
+Every finished phase is committed (tag ``phase-01``, ...; the last phase's is the ``final``
+checkpoint: the exported model with its tokenizer), so a restart resumes after the last finished
+phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from ulmfit_trainer.config import StageConfig
+from ulmfit_trainer.data import Encoded, ShardedOrder, encode_classification, eval_shard, pad_batch
+from ulmfit_trainer.engine import Engine, Progress, final_checkpoint
+from ulmfit_trainer.errors import InvalidSpec, PermanentError
+from ulmfit_trainer.models import (
+    HeadSettings,
+    UlmfitClassifier,
+    build_lm,
+    classification_loss,
+    default_loss,
+    layer_groups,
+    load_backbone,
+    set_trainable,
+)
+from ulmfit_trainer.schedules import discriminative_lrs, total_steps, unfreeze_plan
+from ulmfit_trainer.stages import Context
+from ulmfit_trainer.store import fetch
+from ulmfit_trainer.tokenize import special_ids, tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+
+def phase_tag(phase: int) -> str:
+    return f"phase-{phase:02d}"
+
+
+def run(config: StageConfig) -> dict[str, float]:
+    ctx = Context.start(config)
+    stage, spec, dist = ctx.stage, config.classifier, ctx.dist
+    assert spec is not None  # StageConfig validates that the classifier stage carries it
+    done = final_checkpoint(ctx.checkpoints, stage)
+    if done is not None:
+        return done.meta.get("metrics", {})
+    progress = Progress(ctx.checkpoints, stage, dist, config.progress_interval_seconds)
+    progress.report("starting")
+
+    if spec.batch_size < 2:
+        # The head's BatchNorm needs at least two documents per rank to standardise over.
+        raise InvalidSpec([("classifier.batchSize", spec.batch_size, "must be at least 2")])
+    # The stage this one starts from must be finished: fail before any other work if not.
+    finished = [c for c in ctx.checkpoints.committed(stage) if c.tag.startswith("phase-")]
+    init_dir = None
+    if config.init_from is not None and not finished:
+        init_dir = ctx.init_dir(config.init_from)
+    dataset = ctx.dataset()
+    if not dataset.has("train"):
+        raise PermanentError(f"dataset {config.data.dataset} has no labeled train split")
+    tokenizer, tokenizer_dir = ctx.tokenizer()
+    tok_hash = tokenizer_hash(tokenizer_dir)
+    loss_kind = default_loss(dataset.multi_label, spec.loss)
+
+    def encode(split: str) -> Encoded:
+        return encode_classification(
+            tokenizer, dataset.texts(split), dataset.targets(split), dataset.labels,
+            dataset.multi_label, config.data.max_length,
+        )  # fmt: skip
+
+    train, valid = encode("train"), encode("valid")
+    settings = HeadSettings(
+        labels=dataset.labels,
+        family=config.model.family.value,
+        hidden_size=spec.head_hidden_size,
+        dropout=spec.dropout,
+        loss=loss_kind.value,
+        multi_label=dataset.multi_label,
+    )
+
+    # Resume after the last finished phase, or start from the fine-tuned LM.
+    if finished:
+        last = max(finished, key=lambda c: int(c.phase or 0))
+        directory = ctx.work / "resume"
+        ctx.checkpoints.load(stage, directory, tag=last.tag)
+        model = UlmfitClassifier.load(directory)
+        first_phase, history = int(last.phase or 0), list(last.meta.get("history", []))
+        log.info("resumed after phase %d (checkpoint %s)", first_phase, last.tag)
+        if dist.is_main:
+            print(f"resumed at phase {first_phase + 1}", flush=True)
+    else:
+        model = UlmfitClassifier(initial_backbone(ctx, tokenizer, tok_hash, init_dir), settings)
+        first_phase, history = 0, []
+
+    groups = layer_groups(model)
+    plan = unfreeze_plan(len(groups), spec.unfreeze_phases)
+    order = ShardedOrder(len(train), spec.batch_size, dist.rank, dist.world, config.seed)
+    pad_id = tokenizer.pad_token_id
+    step_base = sum(int(h["steps"]) for h in history)
+    metrics: dict[str, float] = {}
+
+    for k in range(first_phase, len(plan)):
+        phase, last_phase = k + 1, k + 1 == len(plan)
+        set_trainable(groups, plan[k])
+        peak = spec.learning_rate * spec.lr_decay_per_phase**k
+        lrs = discriminative_lrs(peak, len(groups), spec.discriminative_factor)
+        epochs = spec.epochs_per_phase + (spec.final_epochs if last_phase else 0.0)
+        steps = total_steps(order.batches_per_epoch, epochs, 1, None)
+        log.info(
+            "phase %d/%d: top %d of %d layer groups trainable, peak lr %.2e, %d steps",
+            phase, len(plan), plan[k], len(groups), peak, steps,
+        )  # fmt: skip
+        engine = Engine(
+            model, groups, lrs, steps,
+            dist=dist, spec=config.deepspeed, micro_batch=spec.batch_size, accumulation=1,
+            cut_frac=spec.cut_frac, lr_ratio=spec.lr_ratio, weight_decay=spec.weight_decay,
+        )  # fmt: skip
+        progress.begin(steps, phase=f"{phase}/{len(plan)}")
+        engine.train()
+        recent: deque[float] = deque(maxlen=50)
+        started = time.perf_counter()
+        for step in range(steps):
+            epoch, index = order.position(step)
+            # A fresh permutation per phase: (phase, epoch) picks it.
+            rows = order.batch(epoch + 1000 * phase, index).tolist()
+            ids, mask = pad_batch([train.ids[i] for i in rows], pad_id)
+            logits = engine(input_ids=ids.to(dist.device), attention_mask=mask.to(dist.device))
+            targets = train.targets[rows].to(dist.device)
+            loss = classification_loss(loss_kind, logits.float(), targets, spec.label_smoothing)
+            engine.backward(loss)
+            engine.step()
+            recent.append(loss.item())
+            progress.update(step + 1, recent[-1], int(mask.sum()))
+        seconds = time.perf_counter() - started
+        valid_metrics = evaluate_classifier(engine, valid, spec.batch_size, pad_id, loss_kind, dist)
+        engine.close()
+        train_loss = sum(recent) / len(recent)
+        history.append({
+            "phase": phase, "trainableGroups": plan[k], "peakLr": peak, "steps": steps,
+            "trainLoss": train_loss, "seconds": seconds, **valid_metrics,
+        })  # fmt: skip
+        step_base += steps
+        log.info("phase %d: train loss %.4f, %s", phase, train_loss, valid_metrics)
+        metrics = {
+            "trainLoss": train_loss,
+            **valid_metrics,
+            "phases": float(len(plan)),
+            **{f"validAccuracyPhase{h['phase']}": h["validAccuracy"] for h in history},
+        }
+        if dist.is_main:
+            export = ctx.work / phase_tag(phase)
+            model.save(export)
+            meta = {
+                "step": step_base, "phase": phase, "history": history, "metrics": metrics,
+                "tokenizerHash": tok_hash, "trainableGroups": plan[k],
+            }  # fmt: skip
+            if last_phase:
+                # The final checkpoint is the export: transformers layout, head and tokenizer.
+                tokenizer.save_pretrained(str(export))
+                ctx.checkpoints.save(stage, "final", export, meta, final=True)
+            else:
+                ctx.checkpoints.save(stage, phase_tag(phase), export, meta)
+        dist.barrier()
+    if dist.is_main:
+        progress.report("completed", metrics=metrics)
+    return metrics
+
+
+def initial_backbone(ctx: Context, tokenizer, tok_hash: str, init_dir: Path | None):
+    """The encoder of the previous stage's LM, of a pretrained model, or a fresh one."""
+    c = ctx.config
+    if c.init_from is not None and init_dir is not None:
+        ctx.check_tokenizer(c.init_from, tok_hash)
+        return load_backbone(init_dir)
+    if c.model.pretrained:
+        return load_backbone(fetch(c.model.pretrained, ctx.work / "pretrained", c.s3))
+    # No LM stage before this one: a from-scratch baseline.
+    lm = build_lm(c.model.family, c.model.architecture, len(tokenizer), special_ids(tokenizer))
+    return lm.base_model
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    engine: Engine, data: Encoded, batch_size: int, pad_id: int, loss_kind, dist
+) -> dict[str, float]:
+    """Validation loss and accuracy (exact match for multi-label), every rank taking a share."""
+    if not len(data):
+        return {}
+    engine.train(False)
+    loss_sum, correct, count = 0.0, 0.0, 0
+    rows = list(eval_shard(len(data), dist.rank, dist.world))
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        ids, mask = pad_batch([data.ids[j] for j in chunk], pad_id)
+        logits = engine(input_ids=ids.to(dist.device), attention_mask=mask.to(dist.device)).float()
+        targets = data.targets[chunk].to(dist.device)
+        loss_sum += float(classification_loss(loss_kind, logits, targets)) * len(chunk)
+        if targets.dim() == 1:
+            correct += float((logits.argmax(-1) == targets).sum())
+        else:
+            correct += float(((logits > 0).float() == targets).all(-1).sum())
+        count += len(chunk)
+    engine.train(True)
+    loss_total, correct_total, n = dist.sum(loss_sum, correct, count)
+    return {"validLoss": loss_total / n, "validAccuracy": correct_total / n}
