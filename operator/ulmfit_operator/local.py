@@ -149,7 +149,7 @@ class LocalRunner:
 
     def _finished(self, stage: PlannedStage) -> StageOutcome | None:
         latest = self.checkpoints.latest(stage.name)
-        if latest is None or not latest.meta.get("final"):
+        if latest is None or not latest.final:
             return None
         return StageOutcome(
             name=stage.name,

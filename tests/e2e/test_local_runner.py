@@ -88,7 +88,7 @@ def test_interrupted_run_resumes_and_finished_stages_are_reused(tmp_path: Path) 
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
-    assert "run the same command again to resume" in output
+    assert "run the same command again to resume" in " ".join(output.split())
     interrupted_at = max(c.step for c in checkpoints.committed("finetune"))
     assert interrupted_at >= 3
     assert checkpoints.latest("pretrain").final

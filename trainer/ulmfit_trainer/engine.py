@@ -441,10 +441,11 @@ class Progress:
         self.total_steps, self.phase, self.step = total_steps, phase, step
         self._losses, self._tokens, self._since = [], 0, time.perf_counter()
 
-    def update(self, step: int, loss: float, tokens: int) -> None:
-        """After each micro batch: ``tokens`` this rank just processed, its loss."""
+    def update(self, step: int, loss: float | None, tokens: int) -> None:
+        """After each micro batch: ``tokens`` this rank just processed, its loss (if training)."""
         self.step = step
-        self._losses.append(loss)
+        if loss is not None:
+            self._losses.append(loss)
         self._tokens += tokens
         if self.dist.is_main and time.perf_counter() - self._since >= self.interval:
             self.report("running")
@@ -464,10 +465,10 @@ class Progress:
         }
         if self._losses:
             record["loss"] = round(sum(self._losses) / len(self._losses), 5)
-            # Every rank processes a like share, so rank 0's count times the world size.
-            record["tokensPerSecond"] = round(self._tokens * self.dist.world / elapsed, 1)
         elif "loss" in self.last:
-            record["loss"], record["tokensPerSecond"] = self.last["loss"], 0.0
+            record["loss"] = self.last["loss"]
+        # Every rank processes a like share, so rank 0's count times the world size.
+        record["tokensPerSecond"] = round(self._tokens * self.dist.world / elapsed, 1)
         record.update(extra)
         self.last = record
         self._losses, self._tokens, self._since = [], 0, now

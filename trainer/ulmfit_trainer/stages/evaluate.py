@@ -68,7 +68,7 @@ def run(config: StageConfig) -> dict[str, float]:
             logits = model(ids.to(dist.device), mask.to(dist.device)).float()
             probs = probabilities(LossKind(settings.loss), logits).cpu().tolist()
             mine.extend(zip(chunk, probs, strict=True))
-            progress.update(n + 1, 0.0, int(mask.sum()))
+            progress.update(n + 1, None, int(mask.sum()))
     gathered = dist.gather(mine)
     metrics: dict[str, float] = {}
     if dist.is_main:
