@@ -175,6 +175,15 @@ def test_pipeline_pretrain_finetune_classifier_evaluate(tmp_path: Path) -> None:
     moved = [n for n in frozen if not torch.equal(after_all[n], after_phase1[n])]
     assert set(moved) == set(frozen)  # ... and everything moved once unfrozen
 
+    # Lose the last phase (a crash before its commit): a rerun resumes after phase 1.
+    (store / RUN / "classifier" / "final" / "meta.json").unlink()
+    done = run_stage(config, tmp_path)
+    check(done)
+    assert "resumed at phase 2" in done.stdout
+    rerun_history = checkpoints.latest("classifier").meta["history"]
+    assert rerun_history[0] == history[0] and len(rerun_history) == 2
+    cls_metrics = metrics_of(done.stdout)
+
     # A rerun of a finished stage returns its stored metrics at once, without torch.
     path = tmp_path / "classifier.json"
     started = time.perf_counter()

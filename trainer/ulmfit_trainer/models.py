@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ def build_lm(
     """A language model with random weights shaped by ``architecture``."""
     a = architecture
     if family == ModelFamily.CAUSAL:
-        config = GPT2Config(
+        gpt2 = GPT2Config(
             vocab_size=vocab_size,
             n_positions=a.context_length,
             n_embd=a.hidden_size,
@@ -63,8 +64,8 @@ def build_lm(
             eos_token_id=special_ids.get("eos"),
             pad_token_id=special_ids.get("pad"),
         )
-        return GPT2LMHeadModel(config)
-    config = BertConfig(
+        return GPT2LMHeadModel(gpt2)
+    bert = BertConfig(
         vocab_size=vocab_size,
         hidden_size=a.hidden_size,
         num_hidden_layers=a.layers,
@@ -78,14 +79,15 @@ def build_lm(
         eos_token_id=special_ids.get("eos"),
         pad_token_id=special_ids.get("pad"),
     )
-    return BertForMaskedLM(config)
+    return BertForMaskedLM(bert)
 
 
 def load_lm(family: ModelFamily, directory: str | Path, vocab_size: int) -> PreTrainedModel:
     """A language model from a ``save_pretrained`` directory, its vocabulary fitted to ours."""
     auto = AutoModelForCausalLM if family == ModelFamily.CAUSAL else AutoModelForMaskedLM
     model = auto.from_pretrained(str(directory))
-    if model.get_input_embeddings().num_embeddings < vocab_size:
+    embeddings: Any = model.get_input_embeddings()
+    if embeddings.num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)
     return model
 
@@ -127,7 +129,7 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
     the final norm and the classifier head. Tied weights (the GPT-2/BERT output projection *is*
     the input embedding) are listed once, in the embeddings group.
     """
-    base = model.backbone if isinstance(model, UlmfitClassifier) else model.base_model
+    base: Any = model.backbone if isinstance(model, UlmfitClassifier) else model.base_model
     prefix = _prefix_of(model, base)
     blocks_name, blocks = _blocks(base)
     seen: set[int] = set()

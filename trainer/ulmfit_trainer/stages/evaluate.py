@@ -73,9 +73,9 @@ def run(config: StageConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if dist.is_main:
         ordered = sorted((pair for part in gathered for pair in part), key=lambda p: p[0])
-        probs = torch.tensor([p for _, p in ordered])
-        train_targets = dataset.targets("train") if dataset.has("train") else []
-        report = score(probs, test.targets, settings.labels, settings.multi_label, train_targets)
+        probs_all = torch.tensor([p for _, p in ordered])
+        train = dataset.targets("train") if dataset.has("train") else []
+        report = score(probs_all, test.targets, settings.labels, settings.multi_label, train)
         metrics = report["summary"]
         model_uri = export(ctx, model_dir)
         report["modelUri"] = model_uri

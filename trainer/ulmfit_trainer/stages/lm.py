@@ -12,6 +12,7 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedModel
@@ -101,9 +102,9 @@ def run(config: StageConfig) -> dict[str, float]:
             progress.update(step + 1, recent[-1], inputs["input_ids"].numel())
         done_steps = step + 1
         if done_steps % spec.checkpoint_every == 0 and done_steps < steps:
-            meta = {"step": done_steps, "epoch": epoch, "batch": index + 1,
+            position = {"step": done_steps, "epoch": epoch, "batch": index + 1,
                     "microStep": micro_step + 1, "totalSteps": steps}  # fmt: skip
-            engine.save(ctx.checkpoints, stage, f"step-{done_steps:08d}", meta)
+            engine.save(ctx.checkpoints, stage, f"step-{done_steps:08d}", position)
             if dist.is_main:
                 ctx.checkpoints.prune(stage, config.keep_last)
     train_seconds = time.perf_counter() - started
@@ -121,7 +122,7 @@ def run(config: StageConfig) -> dict[str, float]:
     if dist.is_main:
         export = ctx.work / "final"
         model.save_pretrained(str(export), state_dict=state)
-        meta = {
+        meta: dict[str, Any] = {
             "step": steps,
             "metrics": metrics,
             "family": config.model.family.value,
