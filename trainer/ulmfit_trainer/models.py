@@ -237,17 +237,31 @@ class UlmfitClassifier(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         return self.head(hidden.last_hidden_state, attention_mask)
 
-    def save(self, directory: str | Path) -> None:
-        """Export: the backbone in plain transformers layout, the head beside it."""
+    def save(
+        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Export: the backbone in plain transformers layout, the head beside it.
+
+        ``state_dict`` (this module's keys) overrides the live weights - under ZeRO-3 only the
+        engine's gathered copy is whole.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
+        state = state_dict if state_dict is not None else self.state_dict()
         labels = self.settings.labels
         self.backbone.config.id2label = dict(enumerate(labels))
         self.backbone.config.label2id = {label: i for i, label in enumerate(labels)}
-        self.backbone.save_pretrained(str(directory))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        save_file(state, str(directory / HEAD_WEIGHTS))
+        backbone = {
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+        }
+        self.backbone.save_pretrained(str(directory), state_dict=backbone)
+        head = {
+            k.removeprefix("head."): v.detach().contiguous().cpu()
+            for k, v in state.items()
+            if k.startswith("head.")
+        }
+        save_file(head, str(directory / HEAD_WEIGHTS))
         (directory / HEAD_SETTINGS).write_text(self.settings.to_json())
 
     @classmethod

@@ -142,6 +142,7 @@ def run(config: StageConfig) -> dict[str, float]:
             progress.update(step + 1, recent[-1], int(mask.sum()))
         seconds = time.perf_counter() - started
         valid_metrics = evaluate_classifier(engine, valid, spec.batch_size, pad_id, loss_kind, dist)
+        state = engine.full_state_dict()
         engine.close()
         train_loss = sum(recent) / len(recent)
         history.append({
@@ -158,7 +159,7 @@ def run(config: StageConfig) -> dict[str, float]:
         }
         if dist.is_main:
             export = ctx.work / phase_tag(phase)
-            model.save(export)
+            model.save(export, state)
             meta = {
                 "step": step_base, "phase": phase, "history": history, "metrics": metrics,
                 "tokenizerHash": tok_hash, "trainableGroups": plan[k],

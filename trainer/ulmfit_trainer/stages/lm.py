@@ -102,8 +102,13 @@ def run(config: StageConfig) -> dict[str, float]:
             progress.update(step + 1, recent[-1], inputs["input_ids"].numel())
         done_steps = step + 1
         if done_steps % spec.checkpoint_every == 0 and done_steps < steps:
-            position = {"step": done_steps, "epoch": epoch, "batch": index + 1,
-                    "microStep": micro_step + 1, "totalSteps": steps}  # fmt: skip
+            position = {
+                "step": done_steps,
+                "epoch": epoch,
+                "batch": index + 1,
+                "microStep": micro_step + 1,
+                "totalSteps": steps,
+            }
             engine.save(ctx.checkpoints, stage, f"step-{done_steps:08d}", position)
             if dist.is_main:
                 ctx.checkpoints.prune(stage, config.keep_last)
