@@ -162,8 +162,8 @@ class ClassifierStageSpec(WireModel):
     """Peak learning rate of the head; lower groups get `lr / factor^depth`."""
     lr_decay_per_phase: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     """Each later phase's peak rate is the previous one's times this."""
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
-    """Documents per optimizer step per process."""
+    batch_size: Annotated[int, Field(ge=2, le=65536)] = 32
+    """Documents per optimizer step per process (at least 2: the head uses batch norm)."""
     discriminative_factor: Annotated[float, Field(ge=1.0, le=100.0)] = 2.6
     """Layer-group rate divisor, as for the LM stages."""
     cut_frac: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
