@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from ulmfit_trainer.config import TUNABLE
 
 from ulmfit_operator.api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, ULMFiTJobSpec
 from ulmfit_operator.status import ULMFiTJobStatus
@@ -91,6 +92,80 @@ CEL_RULES: dict[str, list[CelRule]] = {
                 " at most'.format([self.processesPerWorker, self.gpusPerWorker])"
             ),
             message="processesPerWorker exceeds gpusPerWorker",
+        ),
+    ],
+    "ClassifierStageSpec": [
+        CelRule(
+            validator="ClassifierStageSpec._windows_advance",
+            rule="self.windowOverlap < self.maxDocumentTokens",
+            message_expression=(
+                "'windowOverlap %d must be less than maxDocumentTokens %d'"
+                ".format([self.windowOverlap, self.maxDocumentTokens])"
+            ),
+            message="windowOverlap must be less than maxDocumentTokens",
+        ),
+    ],
+    "LabelingRule": [
+        CelRule(
+            validator="LabelingRule._matches_something",
+            rule="size(self.keywords) > 0 || size(self.patterns) > 0",
+            message_expression=(
+                "'rule for label \\'%s\\' needs keywords or patterns'.format([self.label])"
+            ),
+            message="a labeling rule needs keywords or patterns",
+        ),
+    ],
+    "CotrainSpec": [
+        CelRule(
+            validator="CotrainSpec._agreement_possible",
+            rule="self.minAgreement <= size(self.models)",
+            message_expression=(
+                "'minAgreement %d exceeds the %d models'"
+                ".format([self.minAgreement, size(self.models)])"
+            ),
+            message="minAgreement exceeds the number of models",
+        ),
+        CelRule(
+            validator="CotrainSpec._agreement_possible",
+            rule="self.models.all(m, self.models.filter(n, n.name == m.name).size() == 1)",
+            message_expression="'model names must be unique'",
+            message="model names must be unique",
+        ),
+    ],
+    "SearchDomain": [
+        CelRule(
+            validator="SearchDomain._bounds",
+            rule="self.type != 'choice' || size(self.values) > 0",
+            message_expression="'a choice needs at least one value in `values`'",
+            message="a choice needs at least one value in `values`",
+        ),
+        CelRule(
+            validator="SearchDomain._bounds",
+            rule="self.type == 'choice' || (has(self.low) && has(self.high))",
+            message_expression="'a %s domain needs `low` and `high`'.format([self.type])",
+            message="this domain needs `low` and `high`",
+        ),
+        CelRule(
+            validator="SearchDomain._bounds",
+            rule=(
+                "self.type == 'choice' || !has(self.low) || !has(self.high) || self.low < self.high"
+            ),
+            message_expression="'low %s must be less than high %s'.format([self.low, self.high])",
+            message="low must be less than high",
+        ),
+        CelRule(
+            validator="SearchDomain._bounds",
+            rule="self.type != 'loguniform' || !has(self.low) || self.low > 0.0",
+            message_expression="'a loguniform domain needs low > 0, got %s'.format([self.low])",
+            message="a loguniform domain needs low > 0",
+        ),
+    ],
+    "TuneSpec": [
+        CelRule(
+            validator="TuneSpec._tunable_fields",
+            rule=f"self.space.all(k, k in [{', '.join(repr(name) for name in TUNABLE)}])",
+            message_expression=f"'cannot tune a field outside {', '.join(TUNABLE)}'",
+            message="cannot tune this field",
         ),
     ],
 }

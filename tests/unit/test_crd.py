@@ -88,7 +88,8 @@ def test_operator_crd_nullable_enum_and_bounds_come_from_the_models() -> None:
         "maximum": 1024,
     }
     head = spec["stages"]["properties"]["classifier"]["properties"]["head"]
-    assert head["enum"] == ["concat"]
+    assert head["enum"] == ["concat", "attention", "hierarchical", "generative"]
+    assert head["default"] == "concat"
 
 
 def test_operator_every_validator_is_a_cel_rule_or_left_to_the_operator() -> None:

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         checkpoints = CheckpointStore(open_store(config.store_root, config.s3), config.run)
-        finished = [c for c in checkpoints.committed(config.stage.value) if c.final]
+        finished = [c for c in checkpoints.committed(config.key) if c.final]
     except Exception as exc:
         print(f"error: cannot read the store {config.store_root}: {exc}", file=sys.stderr)
         return 1
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("stage %s failed: %s\n%s", args.stage, message, traceback.format_exc())
         with contextlib.suppress(Exception):  # the failure itself matters more
             checkpoints.write_progress(
-                config.stage.value, {"state": "failed", "message": message[:1000], "rank": rank}
+                config.key, {"state": "failed", "message": message[:1000], "rank": rank}
             )
         return 1
     finally:

@@ -8,6 +8,7 @@ imports this module.
 from __future__ import annotations
 
 import json
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -35,6 +36,8 @@ class WireModel(BaseModel):
 class StageName(StrEnum):
     PRETRAIN = "pretrain"
     FINETUNE = "finetune"
+    COTRAIN = "cotrain"
+    TUNE = "tune"
     CLASSIFIER = "classifier"
     EVALUATE = "evaluate"
 
@@ -147,6 +150,31 @@ class LossKind(StrEnum):
     SIGMOID = "sigmoid"
 
 
+class HeadKind(StrEnum):
+    CONCAT = "concat"
+    ATTENTION = "attention"
+    HIERARCHICAL = "hierarchical"
+    GENERATIVE = "generative"
+
+
+class ClassWeighting(StrEnum):
+    NONE = "none"
+    BALANCED = "balanced"
+
+
+class AugmentationSpec(WireModel):
+    """Extra, perturbed copies of the labeled training documents (word-level, seeded)."""
+
+    copies: Annotated[int, Field(ge=0, le=20)] = 1
+    """Augmented copies added per labeled training document (0 turns augmentation off)."""
+    replace_rate: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    """Fraction of a document's words replaced by a random word of the training vocabulary."""
+    delete_rate: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    """Fraction of a document's words deleted (at least one word always stays)."""
+    swap_rate: Annotated[float, Field(ge=0.0, le=0.5)] = 0.1
+    """Fraction of a document's words swapped with another word of the same document."""
+
+
 class ClassifierStageSpec(WireModel):
     """Classifier fine-tuning with gradual unfreezing on top of the fine-tuned LM."""
 
@@ -172,17 +200,234 @@ class ClassifierStageSpec(WireModel):
     """Slanted triangular LR ratio, per phase."""
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
     """AdamW weight decay."""
-    head: Literal["concat"] = "concat"
-    """Classifier head. `concat`: concat pooling of [last, max, mean] hidden states."""
+    head: HeadKind = HeadKind.CONCAT
+    """Classifier head. `concat`: concat pooling of [last, max, mean] hidden states (ULMFiT).
+    `attention`: learned attention pooling; its weights explain a prediction (top tokens).
+    `hierarchical`: long documents split into overlapping windows of `data.maxLength`, each
+    encoded, combined by multi-head self-attention pooling (no truncation up to
+    `maxDocumentTokens`). `generative`: scores each label's verbalizer as a continuation under the
+    causal LM (works zero-shot; causal models only)."""
     head_hidden_size: Annotated[int, Field(ge=1, le=65536)] = 128
     """Width of the head's hidden layer."""
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
     """Dropout in the head."""
+    attention_heads: Annotated[int, Field(ge=1, le=64)] = 4
+    """Heads of the attention pooling (`attention` and `hierarchical` heads)."""
+    window_overlap: Annotated[int, Field(ge=0, le=4096)] = 32
+    """`hierarchical` head: tokens shared by consecutive windows; less than `data.maxLength`."""
+    max_document_tokens: Annotated[int, Field(ge=8, le=1048576)] = 4096
+    """`hierarchical` head: tokens read per document, in windows (longer documents are cut)."""
+    verbalizers: dict[str, str] = Field(default_factory=dict)
+    """`generative` head: label -> the text whose likelihood after the prompt scores the label.
+    A label without an entry uses its own name."""
+    prompt: str = " Topic:"
+    """`generative` head: text placed between the document and a label's verbalizer."""
     loss: LossKind | None = None
     """`softmax` (cross-entropy, one label per document) or `sigmoid` (binary cross-entropy per
     label: binary or multi-label). Default: sigmoid when labels are lists, else softmax."""
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     """Label smoothing for the loss (0 = off)."""
+    class_weighting: ClassWeighting = ClassWeighting.NONE
+    """`balanced`: weight each class's loss by N / (classes x its training count), so rare
+    classes count as much as common ones. `none`: every document counts the same."""
+    class_weights: dict[str, Annotated[float, Field(gt=0.0)]] = Field(default_factory=dict)
+    """Explicit loss weight per label (labels left out weigh 1); overrides `classWeighting`."""
+    tune_thresholds: bool = True
+    """Sigmoid loss: choose each label's decision threshold on the validation split to maximise
+    its F1 (otherwise 0.5); the thresholds are exported with the model."""
+    augmentation: AugmentationSpec | None = None
+    """Augment the labeled training set. Off when absent."""
+
+    @model_validator(mode="after")
+    def _windows_advance(self) -> ClassifierStageSpec:
+        if self.window_overlap >= self.max_document_tokens:
+            raise ValueError(
+                f"windowOverlap {self.window_overlap} must be less than maxDocumentTokens "
+                f"{self.max_document_tokens}"
+            )
+        return self
+
+
+class LabelingRule(WireModel):
+    """A weak labeling rule: a document matching any keyword or pattern gets `label`."""
+
+    label: Annotated[str, Field(min_length=1)]
+    """The label this rule votes for (one of the dataset's labels)."""
+    keywords: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    """Words matched whole and case-insensitively."""
+    patterns: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    """Regular expressions (Python syntax) searched case-insensitively."""
+
+    @model_validator(mode="after")
+    def _matches_something(self) -> LabelingRule:
+        if not self.keywords and not self.patterns:
+            raise ValueError(f"rule for label {self.label!r} needs keywords or patterns")
+        for pattern in self.patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"pattern {pattern!r} is not a valid regex: {error}") from None
+        return self
+
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class Truncation(StrEnum):
+    HEAD = "head"
+    TAIL = "tail"
+
+
+class CotrainModelSpec(WireModel):
+    """One of the K co-trained classifiers: its weak-label source and its view of the text."""
+
+    name: Annotated[str, Field(min_length=1, max_length=20, pattern=DNS_LABEL)]
+    """Short DNS-label name; the model's stage is `cotrain-<name>`."""
+    rules: list[LabelingRule] = Field(default_factory=list)
+    """Weak source: labeling rules applied to the unlabeled pool; matched documents (one label
+    winning the vote) join this model's training set."""
+    noisy_label_field: str | None = None
+    """Weak source: a JSON key of the unlabeled split holding noisy labels for this model."""
+    text_field: str | None = None
+    """View: the JSON key this model reads its text from. Default: `data.textField`."""
+    truncation: Truncation = Truncation.HEAD
+    """View: keep the first (`head`) or the last (`tail`) `data.maxLength` tokens."""
+
+
+class CotrainSpec(WireModel):
+    """Co-training on weak labels: K classifiers pseudo-label the unlabeled pool."""
+
+    models: Annotated[list[CotrainModelSpec], Field(min_length=1, max_length=16)]
+    """The K classifiers, one per weak-label source or view; they train in parallel on a
+    cluster (one child each) and one after another locally."""
+    min_agreement: Annotated[int, Field(ge=1, le=16)] = 2
+    """M: a pool document becomes a pseudo-label when at least this many models predict the same
+    label with confidence at least `minConfidence`."""
+    min_confidence: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    """T: the probability a model must give its predicted label for its vote to count."""
+    max_per_class: Annotated[int, Field(ge=1)] | None = None
+    """Accept at most this many pseudo-labels per class (the most confident). Default: no cap."""
+    balance: Annotated[float, Field(ge=1.0)] | None = 3.0
+    """No class gets more than this many times the pseudo-labels of the rarest accepted class
+    (null turns balancing off)."""
+    rounds: Annotated[int, Field(ge=1, le=10)] = 1
+    """Co-training rounds: in each later round the K models also train on the pseudo-labels of
+    the round before."""
+    max_pool_examples: Annotated[int, Field(ge=1)] | None = None
+    """Pseudo-label at most this many unlabeled texts (a seeded sample). Default: all."""
+    classifier: ClassifierStageSpec | None = None
+    """Hyperparameters of the K models. Default: those of `stages.classifier`."""
+
+    @model_validator(mode="after")
+    def _agreement_possible(self) -> CotrainSpec:
+        if self.min_agreement > len(self.models):
+            raise ValueError(
+                f"minAgreement {self.min_agreement} exceeds the {len(self.models)} models"
+            )
+        names = [model.name for model in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique: {names}")
+        return self
+
+
+class DomainKind(StrEnum):
+    UNIFORM = "uniform"
+    LOGUNIFORM = "loguniform"
+    CHOICE = "choice"
+    INT = "int"
+
+
+class SearchDomain(WireModel):
+    """Where one hyperparameter is sampled from."""
+
+    type: DomainKind
+    """`uniform` or `loguniform` over [low, high]; `int`: an integer in [low, high];
+    `choice`: one of `values`."""
+    low: float | None = None
+    """Lower bound (uniform, loguniform, int)."""
+    high: float | None = None
+    """Upper bound, inclusive (uniform, loguniform, int)."""
+    values: list[float] = Field(default_factory=list)
+    """The candidates of a `choice`."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SearchDomain:
+        if self.type == DomainKind.CHOICE:
+            if not self.values:
+                raise ValueError("a choice needs at least one value in `values`")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type.value} domain needs `low` and `high`")
+        if self.low >= self.high:
+            raise ValueError(f"low {self.low} must be less than high {self.high}")
+        if self.type == DomainKind.LOGUNIFORM and self.low <= 0:
+            raise ValueError(f"a loguniform domain needs low > 0, got {self.low}")
+        return self
+
+
+TUNABLE = (
+    "learningRate", "dropout", "epochsPerPhase", "finalEpochs", "unfreezePhases",
+    "lrDecayPerPhase", "discriminativeFactor", "weightDecay", "labelSmoothing",
+    "headHiddenSize", "batchSize", "cutFrac",
+)  # fmt: skip
+"""Classifier hyperparameters (wire names) a sweep may search over."""
+
+
+class SchedulerKind(StrEnum):
+    ASHA = "asha"
+    MEDIAN = "median"
+    PBT = "pbt"
+    FIFO = "fifo"
+
+
+class SearchAlgorithm(StrEnum):
+    RANDOM = "random"
+    OPTUNA = "optuna"
+
+
+class TuneBackend(StrEnum):
+    AUTO = "auto"
+    POD = "pod"
+    RAYJOB = "rayjob"
+
+
+class TuneSpec(WireModel):
+    """A Ray Tune sweep over the classifier stage; its best config trains the final classifier."""
+
+    space: Annotated[dict[str, SearchDomain], Field(min_length=1)]
+    """Search space: classifier hyperparameter (wire name, e.g. `learningRate`) -> domain."""
+    metric: str = "validAccuracy"
+    """Metric the classifier reports each epoch that ranks trials (`validAccuracy`,
+    `validLoss`, `validMacroF1`)."""
+    mode: Literal["max", "min"] = "max"
+    """Whether a larger or a smaller `metric` is better."""
+    trials: Annotated[int, Field(ge=1, le=10000)] = 8
+    """Trials (sampled configurations) in the sweep."""
+    concurrent_trials: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Trials running at once. Default: as many as the CPUs and GPUs allow."""
+    cpus_per_trial: Annotated[float, Field(gt=0.0, le=256.0)] = 1.0
+    """CPUs each trial reserves."""
+    gpus_per_trial: Annotated[float, Field(ge=0.0, le=64.0)] = 0.0
+    """GPUs each trial reserves (fractions share a GPU)."""
+    scheduler: SchedulerKind = SchedulerKind.ASHA
+    """Trial scheduler: `asha` (early stopping), `median` (median stopping rule), `pbt`
+    (population-based training), `fifo` (no early stopping)."""
+    grace_period: Annotated[int, Field(ge=1)] = 1
+    """Epochs a trial runs before the scheduler may stop it."""
+    search_algorithm: SearchAlgorithm = SearchAlgorithm.RANDOM
+    """`random` sampling, or `optuna` (TPE; needs the optuna package)."""
+    time_budget_seconds: Annotated[int, Field(ge=1)] | None = None
+    """Stop starting and running trials after this many seconds. Default: no limit."""
+    backend: TuneBackend = TuneBackend.AUTO
+    """On a cluster: `pod` runs a Ray head inside one pod; `rayjob` creates a KubeRay RayJob;
+    `auto` picks `rayjob` when the RayJob CRD is installed, else `pod`."""
+
+    @model_validator(mode="after")
+    def _tunable_fields(self) -> TuneSpec:
+        unknown = sorted(set(self.space) - set(TUNABLE))
+        if unknown:
+            raise ValueError(f"cannot tune {unknown}: tunable fields are {list(TUNABLE)}")
+        return self
 
 
 class StagesSpec(WireModel):
@@ -193,6 +438,10 @@ class StagesSpec(WireModel):
     writing the section turns it on unless it says `enabled: false`."""
     finetune: LMStageSpec = Field(default_factory=LMStageSpec)
     """LM fine-tuning on the target task's texts (labeled and unlabeled, labels unused)."""
+    cotrain: CotrainSpec | None = None
+    """Co-training on weak labels before the classifier. Off when absent."""
+    tune: TuneSpec | None = None
+    """A Ray Tune sweep of the classifier's hyperparameters. Off when absent."""
     classifier: ClassifierStageSpec = Field(default_factory=ClassifierStageSpec)
     """Classifier fine-tuning with gradual unfreezing."""
 
@@ -236,6 +485,8 @@ class StageConfig(WireModel):
 
     stage: StageName
     """Which stage to run."""
+    name: str | None = None
+    """The stage's key in the store (`cotrain-<model>`, say); default: `stage`."""
     run: str
     """Run identity `<namespace>/<job>` under the store root: where this job's objects live."""
     store_root: str
@@ -250,7 +501,19 @@ class StageConfig(WireModel):
     lm: LMStageSpec | None = None
     """Hyperparameters of an LM stage."""
     classifier: ClassifierStageSpec | None = None
-    """Hyperparameters of the classifier stage (also read by evaluate)."""
+    """Hyperparameters of the classifier stage (also read by evaluate, cotrain and tune)."""
+    cotrain: CotrainSpec | None = None
+    """Co-training settings (cotrain stages, and the stages that read their pseudo-labels)."""
+    cotrain_model: str | None = None
+    """Cotrain stage: which of `cotrain.models` this stage trains."""
+    cotrain_round: int = 1
+    """Cotrain stage: the round (1-based)."""
+    pseudo_labels_from: list[str] = Field(default_factory=list)
+    """Store keys of the cotrain stages whose votes become pseudo-labels for this stage."""
+    tune: TuneSpec | None = None
+    """Sweep settings of the tune stage."""
+    tuned_by: str | None = None
+    """Store key of the tune stage whose best parameters override `classifier`."""
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     keep_last: int = 2
     progress_interval_seconds: float = 5.0
@@ -261,9 +524,21 @@ class StageConfig(WireModel):
         lm_stage = self.stage in (StageName.PRETRAIN, StageName.FINETUNE)
         if lm_stage and self.lm is None:
             raise ValueError(f"stage {self.stage} needs `lm` hyperparameters")
-        if self.stage in (StageName.CLASSIFIER, StageName.EVALUATE) and self.classifier is None:
+        needs_classifier = (
+            StageName.CLASSIFIER, StageName.EVALUATE, StageName.COTRAIN, StageName.TUNE,
+        )  # fmt: skip
+        if self.stage in needs_classifier and self.classifier is None:
             raise ValueError(f"stage {self.stage} needs `classifier` hyperparameters")
+        if self.stage == StageName.COTRAIN and (self.cotrain is None or not self.cotrain_model):
+            raise ValueError("a cotrain stage needs `cotrain` and `cotrainModel`")
+        if self.stage == StageName.TUNE and self.tune is None:
+            raise ValueError("a tune stage needs `tune`")
         return self
+
+    @property
+    def key(self) -> str:
+        """The stage's key in the store."""
+        return self.name or self.stage.value
 
     @classmethod
     def read(cls, path: str | Path) -> StageConfig:

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 MODULES = {
     StageName.PRETRAIN: "ulmfit_trainer.stages.lm",
     StageName.FINETUNE: "ulmfit_trainer.stages.lm",
+    StageName.COTRAIN: "ulmfit_trainer.stages.cotrain",
+    StageName.TUNE: "ulmfit_trainer.stages.tune",
     StageName.CLASSIFIER: "ulmfit_trainer.stages.classifier",
     StageName.EVALUATE: "ulmfit_trainer.stages.evaluate",
 }
@@ -40,7 +42,8 @@ class Context:
 
     @property
     def stage(self) -> str:
-        return self.config.stage.value
+        """The stage's key in the store (`cotrain-<model>` for a co-trained model)."""
+        return self.config.key
 
     @classmethod
     def start(cls, config: StageConfig, use_deepspeed: bool = True) -> Context:

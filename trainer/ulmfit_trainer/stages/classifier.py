@@ -16,11 +16,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ulmfit_trainer.config import StageConfig
+from ulmfit_trainer.config import ClassifierStageSpec, StageConfig
 from ulmfit_trainer.data import Encoded, ShardedOrder, encode_classification, eval_shard, pad_batch
 from ulmfit_trainer.engine import Engine, Progress, final_checkpoint
 from ulmfit_trainer.errors import InvalidSpec, PermanentError
@@ -46,13 +48,84 @@ def phase_tag(phase: int) -> str:
     return f"phase-{phase:02d}"
 
 
-def run(config: StageConfig) -> dict[str, float]:
+Report = Callable[[dict[str, float]], None]
+"""Called on rank 0 after each phase's validation with the metrics so far (a Tune trainable
+reports them; early stopping ends the run by raising from inside)."""
+
+
+@dataclass
+class TrainingSet:
+    """Labeled training documents: texts and their raw labels (a string, or a list of them)."""
+
+    texts: list[str]
+    targets: list[str | list[str]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def extend(self, texts: list[str], targets: list) -> TrainingSet:
+        return TrainingSet(self.texts + list(texts), self.targets + list(targets))
+
+
+def run(config: StageConfig, report: Report | None = None) -> dict[str, float]:
+    """The classifier stage: gold labels (plus pseudo-labels and augmentation when the spec asks
+    for them), trained with gradual unfreezing; the final checkpoint is the exported model."""
     ctx = Context.start(config)
-    stage, spec, dist = ctx.stage, config.classifier, ctx.dist
-    assert spec is not None  # StageConfig validates that the classifier stage carries it
-    done = final_checkpoint(ctx.checkpoints, stage)
+    done = final_checkpoint(ctx.checkpoints, ctx.stage)
     if done is not None:
         return done.meta.get("metrics", {})
+    spec = classifier_spec(ctx)
+    dataset = ctx.dataset()
+    if not dataset.has("train"):
+        raise PermanentError(f"dataset {config.data.dataset} has no labeled train split")
+    training = training_set(ctx, dataset, spec)
+    _, metrics = fit(ctx, spec, training, report=report)
+    return metrics
+
+
+def classifier_spec(ctx: Context) -> ClassifierStageSpec:
+    """The stage's hyperparameters, with a finished sweep's best parameters applied."""
+    spec = ctx.config.classifier
+    assert spec is not None  # StageConfig validates that classifier stages carry it
+    if ctx.config.tuned_by:
+        from ulmfit_trainer.stages.tune import apply_best_params
+
+        spec = apply_best_params(ctx, spec)
+    return spec
+
+
+def training_set(ctx: Context, dataset, spec: ClassifierStageSpec) -> TrainingSet:
+    """Gold labels, then the co-trained pseudo-labels, then augmented copies of the gold ones."""
+    training = TrainingSet(dataset.texts("train"), dataset.targets("train"))
+    gold = training
+    if ctx.config.pseudo_labels_from:
+        from ulmfit_trainer.stages.cotrain import pseudo_labels
+
+        texts, targets = pseudo_labels(ctx, ctx.config.pseudo_labels_from)
+        training = training.extend(texts, targets)
+    if spec.augmentation is not None and spec.augmentation.copies:
+        from ulmfit_trainer.augment import augment
+
+        texts, targets = augment(gold.texts, gold.targets, spec.augmentation, ctx.config.seed)
+        training = training.extend(texts, targets)
+    return training
+
+
+def fit(
+    ctx: Context,
+    spec: ClassifierStageSpec,
+    training: TrainingSet,
+    *,
+    report: Report | None = None,
+    final: bool = True,
+) -> tuple[UlmfitClassifier, dict[str, float]]:
+    """Gradual unfreezing on ``training``; every phase committed under ``ctx.stage``.
+
+    Resumes after the last committed phase (a rerun after the last one trains nothing). With
+    ``final=False`` the last phase is committed as an ordinary phase and the caller commits the
+    stage's final checkpoint itself (a cotrain model adds its votes to it).
+    """
+    config, stage, dist = ctx.config, ctx.stage, ctx.dist
     progress = Progress(ctx.checkpoints, stage, dist, config.progress_interval_seconds)
     progress.report("starting")
 
@@ -65,19 +138,18 @@ def run(config: StageConfig) -> dict[str, float]:
     if config.init_from is not None and not finished:
         init_dir = ctx.init_dir(config.init_from)
     dataset = ctx.dataset()
-    if not dataset.has("train"):
-        raise PermanentError(f"dataset {config.data.dataset} has no labeled train split")
     tokenizer, tokenizer_dir = ctx.tokenizer()
     tok_hash = tokenizer_hash(tokenizer_dir)
     loss_kind = default_loss(dataset.multi_label, spec.loss)
 
-    def encode(split: str) -> Encoded:
-        return encode_classification(
-            tokenizer, dataset.texts(split), dataset.targets(split), dataset.labels,
-            dataset.multi_label, config.data.max_length,
-        )  # fmt: skip
-
-    train, valid = encode("train"), encode("valid")
+    train = encode_classification(
+        tokenizer, training.texts, training.targets, dataset.labels,
+        dataset.multi_label, config.data.max_length,
+    )  # fmt: skip
+    valid = encode_classification(
+        tokenizer, dataset.texts("valid"), dataset.targets("valid"), dataset.labels,
+        dataset.multi_label, config.data.max_length,
+    )  # fmt: skip
     settings = HeadSettings(
         labels=dataset.labels,
         family=config.model.family.value,
@@ -94,19 +166,19 @@ def run(config: StageConfig) -> dict[str, float]:
         ctx.checkpoints.load(stage, directory, tag=last.tag)
         model = UlmfitClassifier.load(directory)
         first_phase, history = int(last.phase or 0), list(last.meta.get("history", []))
+        metrics: dict[str, float] = dict(last.meta.get("metrics", {}))
         log.info("resumed after phase %d (checkpoint %s)", first_phase, last.tag)
         if dist.is_main:
             print(f"resumed at phase {first_phase + 1}", flush=True)
     else:
         model = UlmfitClassifier(initial_backbone(ctx, tokenizer, tok_hash, init_dir), settings)
-        first_phase, history = 0, []
+        first_phase, history, metrics = 0, [], {}
 
     groups = layer_groups(model)
     plan = unfreeze_plan(len(groups), spec.unfreeze_phases)
     order = ShardedOrder(len(train), spec.batch_size, dist.rank, dist.world, config.seed)
     pad_id = tokenizer.pad_token_id
     step_base = sum(int(h["steps"]) for h in history)
-    metrics: dict[str, float] = {}
 
     for k in range(first_phase, len(plan)):
         phase, last_phase = k + 1, k + 1 == len(plan)
@@ -155,6 +227,7 @@ def run(config: StageConfig) -> dict[str, float]:
             "trainLoss": train_loss,
             **valid_metrics,
             "phases": float(len(plan)),
+            "trainExamples": float(len(train)),
             **{f"validAccuracyPhase{h['phase']}": h["validAccuracy"] for h in history},
         }
         if dist.is_main:
@@ -164,16 +237,18 @@ def run(config: StageConfig) -> dict[str, float]:
                 "step": step_base, "phase": phase, "history": history, "metrics": metrics,
                 "tokenizerHash": tok_hash, "trainableGroups": plan[k],
             }  # fmt: skip
-            if last_phase:
+            if last_phase and final:
                 # The final checkpoint is the export: transformers layout, head and tokenizer.
                 tokenizer.save_pretrained(str(export))
                 ctx.checkpoints.save(stage, "final", export, meta, final=True)
             else:
                 ctx.checkpoints.save(stage, phase_tag(phase), export, meta)
+            if report is not None:
+                report({**metrics, "phase": float(phase)})
         dist.barrier()
-    if dist.is_main:
+    if dist.is_main and final:
         progress.report("completed", metrics=metrics)
-    return metrics
+    return model, metrics
 
 
 def initial_backbone(ctx: Context, tokenizer, tok_hash: str, init_dir: Path | None):
