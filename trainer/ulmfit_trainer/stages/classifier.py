@@ -78,8 +78,8 @@ def run(config: StageConfig, report: Report | None = None) -> dict[str, float]:
     dataset = ctx.dataset()
     if not dataset.has("train"):
         raise PermanentError(f"dataset {config.data.dataset} has no labeled train split")
-    training = training_set(ctx, dataset, spec)
-    _, metrics = fit(ctx, spec, training, report=report)
+    training, about_training = training_set(ctx, dataset, spec)
+    _, metrics = fit(ctx, spec, training, report=report, extra_metrics=about_training)
     return metrics
 
 
@@ -94,21 +94,24 @@ def classifier_spec(ctx: Context) -> ClassifierStageSpec:
     return spec
 
 
-def training_set(ctx: Context, dataset, spec: ClassifierStageSpec) -> TrainingSet:
-    """Gold labels, then the co-trained pseudo-labels, then augmented copies of the gold ones."""
+def training_set(
+    ctx: Context, dataset, spec: ClassifierStageSpec
+) -> tuple[TrainingSet, dict[str, float]]:
+    """Gold labels, then the co-trained pseudo-labels, then augmented copies of the gold ones;
+    and metrics about the pseudo-labels (how many per class, their accuracy where known)."""
     training = TrainingSet(dataset.texts("train"), dataset.targets("train"))
-    gold = training
+    gold, about = training, dict[str, float]()
     if ctx.config.pseudo_labels_from:
         from ulmfit_trainer.stages.cotrain import pseudo_labels
 
-        texts, targets = pseudo_labels(ctx, ctx.config.pseudo_labels_from)
+        texts, targets, about = pseudo_labels(ctx, ctx.config.pseudo_labels_from)
         training = training.extend(texts, targets)
     if spec.augmentation is not None and spec.augmentation.copies:
         from ulmfit_trainer.augment import augment
 
         texts, targets = augment(gold.texts, gold.targets, spec.augmentation, ctx.config.seed)
         training = training.extend(texts, targets)
-    return training
+    return training, about
 
 
 def fit(
@@ -118,12 +121,14 @@ def fit(
     *,
     report: Report | None = None,
     final: bool = True,
+    extra_metrics: dict[str, float] | None = None,
 ) -> tuple[UlmfitClassifier, dict[str, float]]:
     """Gradual unfreezing on ``training``; every phase committed under ``ctx.stage``.
 
     Resumes after the last committed phase (a rerun after the last one trains nothing). With
     ``final=False`` the last phase is committed as an ordinary phase and the caller commits the
-    stage's final checkpoint itself (a cotrain model adds its votes to it).
+    stage's final checkpoint itself (a cotrain model adds its votes to it). ``extra_metrics``
+    join every phase's metrics.
     """
     config, stage, dist = ctx.config, ctx.stage, ctx.dist
     progress = Progress(ctx.checkpoints, stage, dist, config.progress_interval_seconds)
@@ -228,6 +233,7 @@ def fit(
             **valid_metrics,
             "phases": float(len(plan)),
             "trainExamples": float(len(train)),
+            **(extra_metrics or {}),
             **{f"validAccuracyPhase{h['phase']}": h["validAccuracy"] for h in history},
         }
         if dist.is_main:
