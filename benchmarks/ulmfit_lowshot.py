@@ -1,6 +1,8 @@
 """ULMFiT's low-shot claim on the embedded data: does LM pretraining make 100 labels worth more?
 
-Runs, in one go and with the same model shape and classifier settings as the embedded example:
+Runs, in one go and with the same model shape and classifier settings as the embedded example
+(the classifier's epochs scaled up as labels shrink, so every run takes a comparable number of
+optimizer steps: 100 labels are only a few batches per epoch):
   * `ulmfit-100`: the full pipeline (LM pretraining, LM fine-tuning, classifier) with 100 labels;
   * `scratch-100`: the classifier alone, from random weights, on the same 100 labels;
   * `scratch-1000`: the classifier alone on 10x more labels (the paper's comparison point).
@@ -25,12 +27,23 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "ulmfitjob.yaml"
 
 
-def variant(base: dict, name: str, labels: int, pretrained_lm: bool) -> dict:
+FULL_TRAIN_EXAMPLES = 3161
+"""Labeled training documents of the embedded data: the example's classifier epochs fit these."""
+MAX_EPOCH_SCALE = 20.0
+
+
+def variant(base: dict, name: str, labels: int, pretrained_lm: bool, unlabeled: int | None) -> dict:
     job = copy.deepcopy(base)
     job["metadata"] = {"name": name}
     spec = job["spec"]
     spec.setdefault("data", {})["maxTrainExamples"] = labels
+    if unlabeled is not None:
+        spec["data"]["maxUnlabeledExamples"] = unlabeled
     stages = spec.setdefault("stages", {})
+    classifier = stages.setdefault("classifier", {})
+    scale = min(MAX_EPOCH_SCALE, FULL_TRAIN_EXAMPLES / labels)
+    for field, default in (("epochsPerPhase", 1.0), ("finalEpochs", 2.0)):
+        classifier[field] = round(float(classifier.get(field, default)) * scale, 2)
     if not pretrained_lm:
         stages["pretrain"] = {**stages.get("pretrain", {}), "enabled": False}
         stages["finetune"] = {**stages.get("finetune", {}), "enabled": False}
@@ -58,16 +71,24 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=100)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--unlabeled", type=int, default=None,
+        help="unlabeled texts for LM pretraining (default: the example's maxUnlabeledExamples)",
+    )  # fmt: skip
     args = parser.parse_args()
     base = yaml.safe_load(EXAMPLE.read_text())
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ulmfit-lowshot-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
     runs = {
-        f"ulmfit-{args.labels}": variant(base, f"ulmfit-{args.labels}", args.labels, True),
-        f"scratch-{args.labels}": variant(base, f"scratch-{args.labels}", args.labels, False),
+        f"ulmfit-{args.labels}": variant(
+            base, f"ulmfit-{args.labels}", args.labels, True, args.unlabeled
+        ),
+        f"scratch-{args.labels}": variant(
+            base, f"scratch-{args.labels}", args.labels, False, args.unlabeled
+        ),
         f"scratch-{args.labels * 10}": variant(
-            base, f"scratch-{args.labels * 10}", args.labels * 10, False
+            base, f"scratch-{args.labels * 10}", args.labels * 10, False, args.unlabeled
         ),
     }
     errors = {}

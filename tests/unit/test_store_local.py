@@ -290,6 +290,26 @@ class TestStoreContract:
         assert loaded.meta == {"v": 2}
         assert tree(tmp_path / "out") == tree(second)
 
+    def test_ranks_upload_their_own_files_and_one_commits_them_all(
+        self, checkpoints: CheckpointStore, store: Store, tmp_path: Path
+    ) -> None:
+        # Two "nodes" with no shared disk: each uploads its shard; the commit lists both.
+        rank0 = make_checkpoint_dir(tmp_path / "r0", seed=3, sizes={"model.pt": 50, "r0.pt": 20})
+        rank1 = make_checkpoint_dir(tmp_path / "r1", seed=4, sizes={"r1.pt": 40})
+        entries = checkpoints.upload("finetune", "step-9", rank0)
+        assert checkpoints.committed("finetune") == []  # uploaded, not yet a checkpoint
+        entries += checkpoints.upload("finetune", "step-9", rank1)
+        store.put_bytes(f"{RUN}/finetune/step-9/stale.pt", b"from an earlier attempt")
+        committed = checkpoints.commit("finetune", "step-9", entries, {"step": 9})
+        assert committed.step == 9 and [f.path for f in committed.files] == [
+            "model.pt",
+            "r0.pt",
+            "r1.pt",
+        ]
+        assert not store.exists(f"{RUN}/finetune/step-9/stale.pt")
+        checkpoints.load("finetune", tmp_path / "out", tag="step-9")
+        assert tree(tmp_path / "out") == {**tree(rank0), **tree(rank1)}
+
     def test_prune_keeps_last_k_and_finals(
         self, checkpoints: CheckpointStore, store: Store, tmp_path: Path
     ) -> None:

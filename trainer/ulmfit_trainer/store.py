@@ -1065,23 +1065,25 @@ class CheckpointStore:
         replaces it: its commit record is removed first, so the old files are never mixed with
         the new ones under a valid commit.
         """
+        self.store.delete(f"{self._tag_key(stage, tag)}/{META_FILE}")
+        entries = self.upload(stage, tag, local_dir, progress=progress)
+        return self.commit(stage, tag, entries, meta, final, step=step, phase=phase)
+
+    def upload(
+        self, stage: str, tag: str, local_dir: str | Path, *, progress: Progress | None = None
+    ) -> builtins.list[FileEntry]:
+        """Upload the files under `local_dir` into checkpoint `tag` without committing it.
+
+        Several processes (ranks on different nodes) may each upload their own files into one
+        tag; one of them then commits the union of the entries with `commit`.
+        """
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise StoreError(f"checkpoint directory {local_dir} does not exist")
-        meta = dict(meta or {})
-        step = int(step if step is not None else meta.get("step", 0))
-        phase = phase if phase is not None else meta.get("phase")
-        try:
-            json.dumps(meta)
-        except (TypeError, ValueError) as exc:
-            raise StoreError(f"checkpoint meta is not JSON-serializable: {exc}") from exc
         files = _local_files(local_dir)
         if any(rel == META_FILE for rel, _ in files):
             raise StoreError(f"{local_dir} holds a {META_FILE}, a name the store reserves")
         base = self._tag_key(stage, tag)
-        meta_key = f"{base}/{META_FILE}"
-
-        self.store.delete(meta_key)
         ordered = _by_size_desc(files)
         infos = _run_parallel(
             [
@@ -1090,15 +1092,38 @@ class CheckpointStore:
             ],
             self.store.parallel_files,
         )
-        entries = tuple(
-            sorted(
-                (
-                    FileEntry(rel, info.size, info.sha256 or "")
-                    for (rel, _), info in zip(ordered, infos, strict=True)
-                ),
-                key=lambda e: e.path,
-            )
+        return sorted(
+            (
+                FileEntry(rel, info.size, info.sha256 or "")
+                for (rel, _), info in zip(ordered, infos, strict=True)
+            ),
+            key=lambda e: e.path,
         )
+
+    def commit(
+        self,
+        stage: str,
+        tag: str,
+        files: Iterable[FileEntry],
+        meta: Mapping[str, Any] | None = None,
+        final: bool = False,
+        *,
+        step: int | None = None,
+        phase: str | int | None = None,
+    ) -> Checkpoint:
+        """Make uploaded `files` checkpoint `tag` of `stage`: write its `meta.json` (last), then
+        delete any object under the tag that `files` does not list (an earlier save's leftovers).
+        """
+        meta = dict(meta or {})
+        step = int(step if step is not None else meta.get("step", 0))
+        phase = phase if phase is not None else meta.get("phase")
+        try:
+            json.dumps(meta)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"checkpoint meta is not JSON-serializable: {exc}") from exc
+        entries = tuple(sorted(set(files), key=lambda e: e.path))
+        base = self._tag_key(stage, tag)
+        meta_key = f"{base}/{META_FILE}"
         created = _now_iso()
         record = {
             "formatVersion": FORMAT_VERSION,
@@ -1115,7 +1140,6 @@ class CheckpointStore:
             meta_key, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
         )
 
-        # Files left by an earlier save of the same tag that this one does not list.
         listed = {f"{base}/{e.path}" for e in entries} | {meta_key}
         for obj in self.store.list(base + "/"):
             if obj.key not in listed:
