@@ -65,6 +65,10 @@ from ulmfit_operator.workloads import (
     LABEL_JOB,
     PYTORCHJOB_API_VERSION,
     PYTORCHJOB_PLURAL,
+    RAYJOB_API_VERSION,
+    RAYJOB_KIND,
+    RAYJOB_PLURAL,
+    SERVICE_KIND,
     Child,
     ChildRef,
     observe_child,
@@ -126,6 +130,8 @@ def _resource_path(
 _PLURALS = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Event"): "events",
+    ("v1", SERVICE_KIND): "services",
+    (RAYJOB_API_VERSION, RAYJOB_KIND): RAYJOB_PLURAL,
     (PYTORCHJOB_API_VERSION, "PyTorchJob"): PYTORCHJOB_PLURAL,
     (JOB_API_VERSION, "Job"): "jobs",
     (API_VERSION, KIND): PLURAL,
@@ -653,6 +659,9 @@ class Controller:
         self._written: dict[Key, str] = {}
         self._written_lock = threading.Lock()
         self.is_leader: Callable[[], bool] = lambda: True
+        self.rayjob_available = False
+        """The RayJob CRD was served when the operator started (kopf watches what it finds then,
+        so a KubeRay installed later is used after a restart)."""
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         # Events are posted off the reconcile path: a reconcile is done once its status landed.
@@ -687,12 +696,24 @@ class Controller:
         if changed and self.view.job(key) is not None:
             self.queue.add(key)
 
+    def discover_rayjob(self) -> bool:
+        """Whether the API serves RayJobs (discovery: every authenticated client may read it)."""
+        try:
+            found = self.kube.request("GET", f"/apis/{RAYJOB_API_VERSION}")
+        except ApiException as error:
+            if error.status in (403, 404):
+                return False
+            raise
+        return any(r.get("name") == RAYJOB_PLURAL for r in (found or {}).get("resources") or [])
+
     def prime_children(self) -> None:
         """List existing children before the first reconcile, so none is missed at startup."""
-        for api_version, plural in (
-            (PYTORCHJOB_API_VERSION, PYTORCHJOB_PLURAL),
-            (JOB_API_VERSION, "jobs"),
-        ):
+        self.rayjob_available = self.discover_rayjob()
+        log.info("RayJob CRD %s", "found" if self.rayjob_available else "not installed")
+        kinds = [(PYTORCHJOB_API_VERSION, PYTORCHJOB_PLURAL), (JOB_API_VERSION, "jobs")]
+        if self.rayjob_available:
+            kinds.append((RAYJOB_API_VERSION, RAYJOB_PLURAL))
+        for api_version, plural in kinds:
             try:
                 items = self.kube.list(api_version, plural, self.config.namespace, LABEL_JOB)
             except ApiException as error:
@@ -786,8 +807,12 @@ class Controller:
         children = self.view.children((meta["namespace"], meta["name"]))
         observation = Observation()
         now = datetime.now(UTC)
-        for _ in range(2 * 8):
-            decision = reconcile(job, children, observation, now)
+        # Each answer adds one fact, and there are at most two per stage (checkpoint, progress);
+        # a plan has at most 10 rounds x 16 co-trained models plus 6 other stages.
+        for _ in range(2 * 170):
+            decision = reconcile(
+                job, children, observation, now, rayjob_available=self.rayjob_available
+            )
             if not isinstance(decision, NeedStore):
                 return decision
             observation = self._read(decision, observation)
@@ -897,6 +922,7 @@ def build_registry(controller: Controller, config: OperatorConfig) -> kopf.Opera
         settings.networking.request_timeout = 60
         settings.watching.label_selectors["kubeflow.org", PYTORCHJOB_PLURAL] = LABEL_JOB
         settings.watching.label_selectors["batch", "jobs"] = LABEL_JOB
+        settings.watching.label_selectors["ray.io", RAYJOB_PLURAL] = LABEL_JOB
         controller.prime_children()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
@@ -914,6 +940,15 @@ def build_registry(controller: Controller, config: OperatorConfig) -> kopf.Opera
     @kopf.on.event("batch", "v1", "jobs", registry=registry, labels={LABEL_JOB: kopf.PRESENT})
     async def batch_job_event(event: Mapping[str, Any], **_: Any) -> None:
         controller.child_event(event.get("type"), _with_kind(event, "Job", "batch/v1"))
+
+    # Watched only where KubeRay's CRD is installed when the operator starts.
+    @kopf.on.event(
+        "ray.io", "v1", RAYJOB_PLURAL, registry=registry, labels={LABEL_JOB: kopf.PRESENT}
+    )
+    async def rayjob_event(event: Mapping[str, Any], **_: Any) -> None:
+        controller.child_event(
+            event.get("type"), _with_kind(event, RAYJOB_KIND, RAYJOB_API_VERSION)
+        )
 
     return registry
 

@@ -1,4 +1,9 @@
-"""Runs a Plan on this machine: each stage a torchrun subprocess, the same store layout.
+"""Runs a Plan on this machine: each stage a subprocess, the same store layout.
+
+The plan's stages run one after another in its (topological) order: co-trained models that a
+cluster runs side by side run here in turn. Training stages run under torchrun; the tune stage
+is one process that starts Ray on the local cores by itself, and its output (the live trial
+table) is shown as it comes.
 
 A stage whose final checkpoint is already committed in the store is not run again, and a stage
 that was interrupted resumes from its latest checkpoint (the trainer does that by itself), so
@@ -34,11 +39,14 @@ from ulmfit_trainer.store import CheckpointStore, StoreError, open_store
 
 from ulmfit_operator.api import ULMFiTJob
 from ulmfit_operator.plan import Plan, PlannedStage, make_plan
+from ulmfit_operator.status import pseudo_label_stats
 
 PROGRESS_PREFIX = "@progress "
 EVALUATION_REPORT = "metrics.json"  # what the evaluate stage stores beside its checkpoint
 LOG_TAIL_LINES = 30
 STOP_GRACE_SECONDS = 15.0
+TUNE_SUMMARY = ("trials", "trialsCompleted", "trialsStoppedEarly", "trialsFailed", "resultsDir")
+"""The tune stage's metrics that result.json repeats under `tune`."""
 
 
 class StageFailed(UlmfitError):
@@ -59,6 +67,8 @@ class StageOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
     model_uri: str | None = None
+    best_params: dict[str, Any] | None = None
+    kind: str = ""
 
 
 @dataclass
@@ -73,6 +83,9 @@ class RunResult:
     model: str | None
 
     def to_json(self) -> dict[str, Any]:
+        return {**self._basics(), **run_summary(self.stages)}
+
+    def _basics(self) -> dict[str, Any]:
         return {
             "job": self.job,
             "workdir": self.workdir,
@@ -92,6 +105,32 @@ class RunResult:
             "report": self.report,
             "model": self.model,
         }
+
+
+def run_summary(stages: list[StageOutcome]) -> dict[str, Any]:
+    """What result.json adds for a sweep and co-training: `bestParams`, `tune` (trial counts
+    and where the results are) and `pseudoLabels` (count, per class, accuracy)."""
+    summary: dict[str, Any] = {}
+    tune = next((s for s in stages if s.kind == StageName.TUNE), None)
+    if tune is not None:
+        summary["bestParams"] = tune.best_params
+        summary["tune"] = {key: tune.metrics[key] for key in TUNE_SUMMARY if key in tune.metrics}
+    classifier = next((s for s in stages if s.kind == StageName.CLASSIFIER), None)
+    stats = pseudo_label_stats(classifier.metrics) if classifier is not None else None
+    if stats is not None:
+        summary["pseudoLabels"] = stats.to_wire()
+    return summary
+
+
+def stage_command(
+    stage: PlannedStage, config_path: Path, nproc: int, python: str = sys.executable
+) -> list[str]:
+    """torchrun for a training stage; one plain process for tune (it starts Ray itself)."""
+    entry = ["-m", "ulmfit_trainer", stage.kind.value, "--config", str(config_path)]
+    if stage.kind == StageName.TUNE:
+        return [python, *entry]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [python, *launcher, *entry]
 
 
 def store_root_for(job: ULMFiTJob, workdir: Path) -> str:
@@ -151,6 +190,7 @@ class LocalRunner:
         latest = self.checkpoints.latest(stage.name)
         if latest is None or not latest.final:
             return None
+        best = latest.meta.get("bestParams")
         return StageOutcome(
             name=stage.name,
             state="cached",
@@ -158,6 +198,8 @@ class LocalRunner:
             metrics=dict(latest.meta.get("metrics", {})),
             checkpoint=latest.uri,
             model_uri=latest.meta.get("modelUri"),
+            best_params=dict(best) if isinstance(best, dict) else None,
+            kind=stage.kind.value,
         )
 
     def _run_stage(self, stage: PlannedStage) -> StageOutcome:
@@ -171,21 +213,17 @@ class LocalRunner:
         stage.config.write(config_path)
         log_path = self.workdir / "logs" / f"{stage.name}.log"
         nproc = self.nproc if stage.distributed else 1
-        command = [
-            self.python,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "ulmfit_trainer",
-            stage.name,
-            "--config",
-            str(config_path),
-        ]
-        self.console.print(f"[bold]▶ {stage.name}[/] ({nproc} process{'es' if nproc > 1 else ''})")
+        command = stage_command(stage, config_path, nproc, self.python)
+        if stage.kind == StageName.TUNE:
+            self.console.print(f"[bold]▶ {stage.name}[/] (Ray on the local cores)")
+        else:
+            self.console.print(
+                f"[bold]▶ {stage.name}[/] ({nproc} process{'es' if nproc > 1 else ''})"
+            )
         started = time.monotonic()
-        returncode, tail = self._supervise(command, stage.name, log_path)
+        returncode, tail = self._supervise(
+            command, stage.name, log_path, echo=stage.kind == StageName.TUNE
+        )
         duration = time.monotonic() - started
         if returncode != 0:
             raise StageFailed(stage.name, returncode, log_path, tail)
@@ -203,7 +241,9 @@ class LocalRunner:
         )
         return finished
 
-    def _supervise(self, command: list[str], stage: str, log_path: Path) -> tuple[int, list[str]]:
+    def _supervise(
+        self, command: list[str], stage: str, log_path: Path, echo: bool = False
+    ) -> tuple[int, list[str]]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         with log_path.open("a") as log, _progress_display(self.console) as progress:
@@ -219,7 +259,7 @@ class LocalRunner:
             )
             try:
                 assert process.stdout is not None
-                _follow(process.stdout, log, tail, progress, task)
+                _follow(process.stdout, log, tail, progress, task, echo=echo)
                 return process.wait(), list(tail)
             except KeyboardInterrupt:
                 _stop(process)
@@ -232,7 +272,17 @@ class LocalRunner:
                     _stop(process)
 
 
-def _follow(stream: IO[str], log: IO[str], tail: deque[str], progress: Progress, task: Any) -> None:
+def _follow(
+    stream: IO[str],
+    log: IO[str],
+    tail: deque[str],
+    progress: Progress,
+    task: Any,
+    echo: bool = False,
+) -> None:
+    """Progress lines move the bar (a `dashboard` URL in one is shown once); other lines go to
+    the log, and with `echo` (the tune stage's trial table) to the console as well."""
+    dashboard_shown = False
     for line in stream:
         if line.startswith(PROGRESS_PREFIX):
             try:
@@ -240,10 +290,16 @@ def _follow(stream: IO[str], log: IO[str], tail: deque[str], progress: Progress,
             except json.JSONDecodeError:
                 report = None
             if isinstance(report, dict):
+                dashboard = report.get("dashboard")
+                if dashboard and not dashboard_shown:
+                    progress.console.print(f"  Ray dashboard: {dashboard}", highlight=False)
+                    dashboard_shown = True
                 _show(progress, task, report)
                 continue
         log.write(line)
         tail.append(line.rstrip("\n"))
+        if echo:
+            progress.console.print(line.rstrip("\n"), markup=False, highlight=False)
 
 
 def _show(progress: Progress, task: Any, report: dict[str, Any]) -> None:

@@ -58,7 +58,8 @@ class OperatorMetrics:
         )
         self.stage_seconds = Histogram(
             "ulmfit_stage_duration_seconds",
-            "Wall time of a stage, from its first attempt to its final checkpoint.",
+            "Wall time of a stage, from its first attempt to its final checkpoint, by stage kind "
+            "(all co-trained models count as `cotrain`).",
             ["stage"],
             buckets=(10, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 86400),
             registry=self.registry,

@@ -1,24 +1,27 @@
 """Pure: what the operator should do about one ULMFiTJob, given what it observes.
 
-`reconcile(job, children, observation, now)` reads the job object (spec, metadata, the status
-cache), the children found in the cluster and what the store says (final checkpoints and
-`progress.json` per stage), and returns a `Decision`: children to create, stop or delete, the
-new status (None when nothing changed) and events. No I/O happens here; when it needs a store
-fact it has not been given, it returns `NeedStore(stage, what)` and the caller reads it and asks
-again (so the store is read only as far as the decision needs).
+`reconcile(job, children, observation, now, rayjob_available=...)` reads the job object (spec,
+metadata, the status cache), the children found in the cluster and what the store says (final
+checkpoints and `progress.json` per stage), and returns a `Decision`: children to create, stop
+or delete, the new status (None when nothing changed) and events. No I/O happens here; when it
+needs a store fact it has not been given, it returns `NeedStore(stage, what)` and the caller
+reads it and asks again (so the store is read only as far as the decision needs).
 
 The fixed order, as in Kubeflow's controllers:
 
 1. a job being deleted is left alone;
 2. validate the spec (`InvalidSpec`: Failed condition, Warning event, no children, no retry);
 3. a finished job only waits for its TTL (then it is deleted);
-4. walk the plan: a stage is done once the store holds its final checkpoint (made after the
-   job was created); the first stage that is not done is the current one; all done: Succeeded;
+4. walk the plan (a DAG): a stage is done once the store holds its final checkpoint (made
+   after the job was created); the ready stages are those not done whose dependencies all are
+   (the K co-trained models of a round are ready together); none ready: Succeeded;
 5. suspend (delete running children, keep checkpoints) and resume;
 6. active deadline;
-7. backoff limit (failed attempts of the current stage);
-8. progress watchdog (a running attempt whose progress is stale is stopped: a failed attempt);
-9. exactly one child for the current stage: create the next attempt when none is active;
+7. backoff limit (failed attempts of each ready stage, counted per stage);
+8. progress watchdog, per ready stage (a running attempt whose progress is stale is stopped:
+   a failed attempt);
+9. exactly one child per ready stage: create its next attempt when none is active (a tune
+   stage also gets its dashboard Service);
 10. status and events, from the difference between the old status and the new one.
 
 Everything derives from the cluster and the store; the status only remembers what is expensive
@@ -34,33 +37,42 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from ulmfit_trainer.config import StageName
+from ulmfit_trainer.config import StageName, TuneBackend
 from ulmfit_trainer.errors import InvalidSpec
 from ulmfit_trainer.store import S3Settings
 
 from ulmfit_operator.api import Metadata, StageState, ULMFiTJob, ULMFiTJobSpec, parse_spec
-from ulmfit_operator.plan import Plan, PlannedStage, make_plan
+from ulmfit_operator.plan import TUNE_KEY, Plan, PlannedStage, make_plan
 from ulmfit_operator.status import (
     ConditionType,
     JobResult,
     StageStatus,
+    TuneStatus,
     ULMFiTJobStatus,
     clear_condition,
     condition_true,
     find_condition,
     format_time,
     parse_time,
+    pseudo_label_stats,
     read_status,
     set_condition,
 )
 from ulmfit_operator.workloads import (
     CONFIGMAP_KIND,
+    DASHBOARD_PORT,
+    RAYJOB_CRD,
+    RAYJOB_KIND,
     Child,
     ChildPhase,
     ChildRef,
     Owner,
+    dashboard_address,
+    dashboard_service,
+    dashboard_service_name,
     stage_child,
     stage_config_map,
+    tune_backend,
 )
 
 EVENT_MESSAGE_LIMIT = 1000
@@ -81,6 +93,8 @@ class FinalCheckpoint:
     metrics: Mapping[str, float] = field(default_factory=dict)
     model_uri: str | None = None
     """Where the stage exported a model, when it says so in its meta (`modelUri`)."""
+    best_params: Mapping[str, float] | None = None
+    """A tune stage's best hyperparameters (its meta's `bestParams`)."""
 
 
 @dataclass(frozen=True)
@@ -179,8 +193,13 @@ def reconcile(
     children: Sequence[Child],
     observation: Observation,
     now: datetime,
+    *,
+    rayjob_available: bool = False,
 ) -> Decision | NeedStore:
-    """Decide; see the module docstring for the order of the checks."""
+    """Decide; see the module docstring for the order of the checks.
+
+    `rayjob_available`: the RayJob CRD is installed (a tune stage with backend `auto` then runs
+    as a KubeRay RayJob)."""
     meta = job.get("metadata") or {}
     if meta.get("deletionTimestamp"):
         return Decision(state="Deleting")
@@ -204,10 +223,11 @@ def reconcile(
     if ctx.finished:
         return ctx.after_finish(spec)
 
-    # 4. walk the plan
+    # 4. walk the plan: a stage whose dependencies are all done is either done or ready
     done: dict[str, FinalCheckpoint] = {}
-    current: PlannedStage | None = None
     for stage in plan.stages:
+        if any(dep not in done for dep in stage.depends_on):
+            continue
         cached = ctx.old_stage(stage.name)
         if cached is not None and cached.state == StageState.SUCCEEDED and cached.checkpoint:
             done[stage.name] = FinalCheckpoint(
@@ -221,12 +241,10 @@ def reconcile(
         final = observation.checkpoints[stage.name]
         if final is not None and ctx.fresh(final):
             done[stage.name] = final
-            continue
-        current = stage
-        break
-    if current is None:
-        return ctx.succeeded(plan, spec, done, observation)
-    return ctx.run_stage(plan, spec, current, done, observation)
+    ready = plan.ready(done)
+    if not ready:
+        return ctx.succeeded(plan, spec, done)
+    return ctx.run_stages(plan, spec, ready, done, observation, rayjob_available)
 
 
 def _validated(raw_spec: Mapping[str, Any]) -> tuple[ULMFiTJobSpec, S3Settings]:
@@ -367,28 +385,25 @@ class _Context:
     # -- 4. all stages done
 
     def succeeded(
-        self,
-        plan: Plan,
-        spec: ULMFiTJobSpec,
-        done: Mapping[str, FinalCheckpoint],
-        observation: Observation,
+        self, plan: Plan, spec: ULMFiTJobSpec, done: Mapping[str, FinalCheckpoint]
     ) -> Decision:
         status = self.old.model_copy(deep=True)
-        stages, completed = self.stage_statuses(plan, spec, done, None, {})
+        stages, completed = self.stage_statuses(plan, done, {})
         status.stages = stages
+        self.note_tune(status, plan, done)
         evaluate = done.get(StageName.EVALUATE)
         classifier = done.get(StageName.CLASSIFIER)
         model_uri = (evaluate.model_uri if evaluate else None) or (
             classifier.uri if classifier else None
         )
         status.result = JobResult(
-            model_uri=model_uri, test_metrics=dict(evaluate.metrics) if evaluate else {}
+            model_uri=model_uri,
+            test_metrics=dict(evaluate.metrics) if evaluate else {},
+            best_params=status.tune.best_params if status.tune else None,
+            pseudo_labels=pseudo_label_stats(classifier.metrics) if classifier else None,
         )
-        last = plan.stages[-1].name
-        status.current_stage = last
-        status.progress = "Succeeded"
+        status.current_stage = plan.stages[-1].name
         ended = evaluate.created_at if evaluate and evaluate.created_at else self.now
-        status.completion_time = status.completion_time or format_time(ended)
         accuracy = status.result.test_metrics.get("accuracy")
         summary = f"all {len(plan.stages)} stages succeeded; model at {model_uri}"
         if accuracy is not None:
@@ -396,57 +411,69 @@ class _Context:
             baseline = status.result.test_metrics.get("majorityBaseline")
             if baseline is not None:
                 summary += f" (majority baseline {baseline:.4f})"
-        status.conditions = set_condition(
-            status.conditions,
-            ConditionType.SUCCEEDED,
-            True,
-            "Succeeded",
-            summary,
-            self.now,
-            self.generation,
-        )
-        status.conditions = clear_condition(
-            status.conditions,
-            ConditionType.RUNNING,
-            "Succeeded",
-            summary,
-            self.now,
-            self.generation,
-        )
-        events = [*self.stage_events(status), Event("Normal", "Succeeded", summary)]
-        spec_ttl = spec.run_policy.ttl_seconds_after_finished
-        return self.decide(
+        return self.finish(
             status,
-            events=events,
-            requeue_after=float(spec_ttl) if spec_ttl is not None else None,
-            state="Succeeded",
+            spec,
+            ConditionType.SUCCEEDED,
+            "Succeeded",
+            summary,
+            ended_at=ended,
             completed=completed,
         )
 
-    # -- 5..10. the current stage
+    def finish(
+        self,
+        status: ULMFiTJobStatus,
+        spec: ULMFiTJobSpec,
+        outcome: Literal[ConditionType.SUCCEEDED, ConditionType.FAILED],
+        reason: str,
+        message: str,
+        *,
+        ended_at: datetime | None = None,
+        events: Sequence[Event] = (),
+        actions: Sequence[Action] = (),
+        completed: Sequence[tuple[str, float]] = (),
+    ) -> Decision:
+        """The job's end: the summary condition, Running cleared, the TTL clock started."""
+        failed = outcome == ConditionType.FAILED
+        status.progress = f"Failed: {reason}" if failed else "Succeeded"
+        status.completion_time = status.completion_time or format_time(ended_at or self.now)
+        status.conditions = set_condition(
+            status.conditions, outcome, True, reason, message, self.now, self.generation
+        )
+        status.conditions = clear_condition(
+            status.conditions, ConditionType.RUNNING, reason, message, self.now, self.generation
+        )
+        ttl = spec.run_policy.ttl_seconds_after_finished
+        return self.decide(
+            status,
+            actions=[*actions, *self.delete_active()] if failed else actions,
+            events=[
+                *self.stage_events(status),
+                *events,
+                Event("Warning" if failed else "Normal", reason, message),
+            ],
+            requeue_after=float(ttl) if ttl is not None else None,
+            state="Failed" if failed else "Succeeded",
+            completed=completed,
+        )
 
-    def run_stage(
+    # -- 5..10. the ready stages
+
+    def run_stages(
         self,
         plan: Plan,
         spec: ULMFiTJobSpec,
-        current: PlannedStage,
+        ready: Sequence[PlannedStage],
         done: Mapping[str, FinalCheckpoint],
         observation: Observation,
+        rayjob_available: bool,
     ) -> Decision | NeedStore:
         policy = spec.run_policy
         status = self.old.model_copy(deep=True)
-        mine = sorted(
-            (c for c in self.children if c.stage == current.name), key=lambda c: c.attempt
-        )
-        latest = mine[-1] if mine else None
-        # Reaching here means the store holds no final checkpoint for the stage, so a child
-        # that reports success did not really finish: it counts as failed, like a failed one.
-        failed = [
-            c
-            for c in mine
-            if c.stopped is not None or c.phase in (ChildPhase.FAILED, ChildPhase.SUCCEEDED)
-        ]
-        active = [c for c in mine if c.active]
+        self.note_tune(status, plan, done)
+        runs = {stage.name: self.attempts_of(stage) for stage in ready}
+        names = ", ".join(stage.name for stage in ready)
         actions: list[Action] = []
         events: list[Event] = []
         requeue: list[float] = []
@@ -473,25 +500,15 @@ class _Context:
                 self.now,
                 self.generation,
             )
-            status.current_stage = current.name
+            status.current_stage = _current(ready)
             status.progress = "Suspended"
-            stages, completed = self.stage_statuses(
-                plan,
-                spec,
-                done,
-                current,
-                {
-                    "state": StageState.PENDING,
-                    "failed": failed,
-                    "latest": latest,
-                    "message": "suspended",
-                },
-            )
-            status.stages = stages
+            infos = {
+                name: run.info(StageState.PENDING, message="suspended")
+                for name, run in runs.items()
+            }
+            status.stages, completed = self.stage_statuses(plan, done, infos)
             if not suspended_before:
-                events.append(
-                    Event("Normal", "Suspended", f"job suspended at stage {current.name}")
-                )
+                events.append(Event("Normal", "Suspended", f"job suspended at stage {names}"))
             return self.decide(
                 status,
                 actions=actions,
@@ -505,12 +522,12 @@ class _Context:
                 ConditionType.SUSPENDED,
                 False,
                 "Resumed",
-                f"resumed at stage {current.name}",
+                f"resumed at stage {names}",
                 self.now,
                 self.generation,
             )
             status.start_time = format_time(self.now)  # the active deadline restarts, as for Jobs
-            events.append(Event("Normal", "Resumed", f"job resumed at stage {current.name}"))
+            events.append(Event("Normal", "Resumed", f"job resumed at stage {names}"))
 
         start = parse_time(status.start_time) or self.created or self.now
         if status.start_time is None:
@@ -526,144 +543,170 @@ class _Context:
                     plan,
                     spec,
                     done,
-                    current,
-                    failed,
-                    latest,
+                    runs,
+                    set(runs),
                     "DeadlineExceeded",
                     f"job was active longer than activeDeadlineSeconds="
-                    f"{policy.active_deadline_seconds} (at stage {current.name})",
+                    f"{policy.active_deadline_seconds} (at stage {names})",
                     events,
                 )
             requeue.append(left)
 
-        # 7. backoff limit
-        if len(failed) > policy.backoff_limit:
-            last = failed[-1]
-            detail = last.message or (
-                f"stopped: {last.stopped}"
-                if last.stopped
-                else "succeeded without a final checkpoint in the store"
-                if last.phase == ChildPhase.SUCCEEDED
-                else "failed"
-            )
-            return self.fail(
-                status,
-                plan,
-                spec,
-                done,
-                current,
-                failed,
-                latest,
-                "BackoffLimitExceeded",
-                f"stage {current.name} failed {len(failed)} times (backoffLimit "
-                f"{policy.backoff_limit}); last attempt {last.name}: {detail}",
-                events,
-            )
+        # 7. backoff limit, per stage
+        for name, run in runs.items():
+            if len(run.failed) > policy.backoff_limit:
+                last = run.failed[-1]
+                detail = last.message or (
+                    f"stopped: {last.stopped}"
+                    if last.stopped
+                    else "succeeded without a final checkpoint in the store"
+                    if last.phase == ChildPhase.SUCCEEDED
+                    else "failed"
+                )
+                return self.fail(
+                    status,
+                    plan,
+                    spec,
+                    done,
+                    runs,
+                    {name},
+                    "BackoffLimitExceeded",
+                    f"stage {name} failed {len(run.failed)} times (backoffLimit "
+                    f"{policy.backoff_limit}); last attempt {last.name}: {detail}",
+                    events,
+                )
 
-        # 8. progress watchdog
-        progress: Mapping[str, Any] | None = None
-        running = next((c for c in reversed(active) if c.phase == ChildPhase.RUNNING), None)
-        if running is not None:
-            if current.name not in observation.progress:
-                return NeedStore(current.name, "progress", plan.run, self.s3)
-            progress = observation.progress[current.name]
+        # 8. progress watchdog, per stage
+        progress: dict[str, Mapping[str, Any] | None] = {}
+        for name, run in runs.items():
+            running = next((c for c in reversed(run.active) if c.phase == ChildPhase.RUNNING), None)
+            if running is None:
+                continue
+            if name not in observation.progress:
+                return NeedStore(name, "progress", plan.run, self.s3)
+            progress[name] = observation.progress[name]
             signs = [
                 t
                 for t in (
                     running.created,
                     running.started,
-                    _progress_time(progress, running.created),
+                    _progress_time(progress[name], running.created),
                 )
                 if t is not None
             ]
             stale_for = (self.now - max(signs)).total_seconds() if signs else 0.0
             deadline = policy.progress_deadline_seconds
-            if stale_for > deadline:
-                actions.append(StopChild(running.ref, STOPPED_STALE, running.resource_version))
-                events.append(
-                    Event(
-                        "Warning",
-                        STOPPED_STALE,
-                        f"stage {current.name} attempt {running.attempt} ({running.name}) made no "
-                        f"progress for {int(stale_for)}s (progressDeadlineSeconds {deadline}); "
-                        "stopping it, the next attempt resumes from the latest checkpoint",
-                    )
+            if stale_for <= deadline:
+                requeue.append(deadline - stale_for)
+                continue
+            actions.append(StopChild(running.ref, STOPPED_STALE, running.resource_version))
+            events.append(
+                Event(
+                    "Warning",
+                    STOPPED_STALE,
+                    f"stage {name} attempt {running.attempt} ({running.name}) made no "
+                    f"progress for {int(stale_for)}s (progressDeadlineSeconds {deadline}); "
+                    "stopping it, the next attempt resumes from the latest checkpoint",
                 )
-                active = [c for c in active if c is not running]
-                failed = [*failed, running]
-                if len(failed) > policy.backoff_limit:
+            )
+            run.active = [c for c in run.active if c is not running]
+            run.failed = [*run.failed, running]
+            run.stopped_now = True
+            if len(run.failed) > policy.backoff_limit:
+                return self.fail(
+                    status,
+                    plan,
+                    spec,
+                    done,
+                    runs,
+                    {name},
+                    "BackoffLimitExceeded",
+                    f"stage {name} failed {len(run.failed)} times (backoffLimit "
+                    f"{policy.backoff_limit}); last attempt {running.name}: "
+                    f"no progress for {int(stale_for)}s",
+                    events,
+                    actions,
+                )
+
+        # 9. exactly one child per ready stage
+        for stage in ready:
+            run = runs[stage.name]
+            # Should an extra attempt exist, only the newest stays.
+            if len(run.active) > 1:
+                actions.extend(DeleteChild(c.ref) for c in run.active[:-1])
+                run.active = run.active[-1:]
+            if run.active or run.stopped_now:
+                continue
+            backend = TuneBackend.POD
+            if stage.kind == StageName.TUNE:
+                backend = tune_backend(stage, rayjob_available)
+                if backend == TuneBackend.RAYJOB and not rayjob_available:
                     return self.fail(
                         status,
                         plan,
                         spec,
                         done,
-                        current,
-                        failed,
-                        latest,
-                        "BackoffLimitExceeded",
-                        f"stage {current.name} failed {len(failed)} times (backoffLimit "
-                        f"{policy.backoff_limit}); last attempt {running.name}: "
-                        f"no progress for {int(stale_for)}s",
+                        runs,
+                        {stage.name},
+                        "RayJobUnavailable",
+                        "spec.stages.tune.backend is rayjob, but the RayJob CRD "
+                        f"({RAYJOB_CRD}) was not installed when the operator started; install "
+                        "KubeRay and restart the operator, or use backend pod",
                         events,
                         actions,
                     )
-            else:
-                requeue.append(deadline - stale_for)
-
-        # Exactly one attempt at a time: should an extra one exist, only the newest stays.
-        if len(active) > 1:
-            actions.extend(DeleteChild(c.ref) for c in active[:-1])
-            active = active[-1:]
-
-        # 9. exactly one child
-        child_name = latest.name if latest else None
-        attempt = latest.attempt if latest else 0
-        if not active and not any(isinstance(a, StopChild) for a in actions):
-            attempt += 1
-            previous = (
-                plan.stages[plan.names.index(current.name) - 1]
-                if (plan.names.index(current.name) > 0)
-                else None
+            run.attempt += 1
+            source = done.get(stage.init_from) if stage.init_from else None
+            init = source.uri if source is not None else None
+            body = stage_child(self.owner, stage, spec, run.attempt, init, backend=backend)
+            run.child = body["metadata"]["name"]
+            actions.append(
+                CreateObject(stage_config_map(self.owner, run.child, stage, run.attempt))
             )
-            init = done[previous.name].uri if previous is not None else None
-            body = stage_child(self.owner, current, spec, attempt, init)
-            child_name = body["metadata"]["name"]
-            actions.append(CreateObject(stage_config_map(self.owner, child_name, current, attempt)))
             actions.append(CreateObject(body))
-            resume = f", starting from {init}" if init else ""
-            if failed:
-                resume += f" (retry {len(failed)} of {policy.backoff_limit})"
+            note = f", starting from {init}" if init else ""
+            if run.failed:
+                note += f" (retry {len(run.failed)} of {policy.backoff_limit})"
+            if stage.kind == StageName.TUNE:
+                actions.append(CreateObject(dashboard_service(self.owner)))
+                tune = self.tune_status(backend)
+                status.tune = tune.model_copy(
+                    update={"best_params": status.tune.best_params if status.tune else None}
+                )
+                note += (
+                    f"; Ray dashboard at {tune.dashboard}; to open it at "
+                    f"http://localhost:{DASHBOARD_PORT}, run: {tune.port_forward}"
+                )
             events.append(
                 Event(
                     "Normal",
                     "StageStarted",
-                    f"stage {current.name} attempt {attempt}: created {body['kind']} {child_name}"
-                    f"{resume}",
+                    f"stage {stage.name} attempt {run.attempt}: created {body['kind']} "
+                    f"{run.child}{note}",
                 )
             )
-        stage_state = (
-            StageState.RUNNING
-            if any(c.phase == ChildPhase.RUNNING for c in active)
-            else StageState.PENDING
+
+        # 10. status
+        infos = {}
+        for name, run in runs.items():
+            state = (
+                StageState.RUNNING
+                if any(c.phase == ChildPhase.RUNNING for c in run.active)
+                else StageState.PENDING
+            )
+            infos[name] = run.info(state, message=_last_failure(run.failed))
+        status.stages, completed = self.stage_statuses(plan, done, infos)
+        status.current_stage = _current(ready)
+        status.progress = "; ".join(
+            _progress_text(name, infos[name].state, runs[name].attempt, progress.get(name))
+            for name in runs
         )
-        stages, completed = self.stage_statuses(
-            plan,
-            spec,
-            done,
-            current,
-            {
-                "state": stage_state,
-                "failed": failed,
-                "attempt": attempt,
-                "child": child_name,
-                "message": _last_failure(failed),
-            },
-        )
-        status.stages = stages
-        status.current_stage = current.name
-        status.progress = _progress_text(current.name, stage_state, attempt, progress)
-        message = f"stage {current.name} ({plan.names.index(current.name) + 1}/{len(plan.stages)})"
-        message += f", attempt {attempt}"
+        if len(ready) == 1:
+            [only] = ready
+            message = f"stage {only.name} ({plan.names.index(only.name) + 1}/{len(plan.stages)})"
+            message += f", attempt {runs[only.name].attempt}"
+        else:
+            message = f"stages {names} at once ({len(done)}/{len(plan.stages)} done)"
         status.conditions = set_condition(
             status.conditions,
             ConditionType.RUNNING,
@@ -688,77 +731,101 @@ class _Context:
         plan: Plan,
         spec: ULMFiTJobSpec,
         done: Mapping[str, FinalCheckpoint],
-        current: PlannedStage,
-        failed: Sequence[Child],
-        latest: Child | None,
+        runs: Mapping[str, _StageRun],
+        failing: set[str],
         reason: str,
         message: str,
         events: Sequence[Event] = (),
         actions: Sequence[Action] = (),
     ) -> Decision:
-        stages, completed = self.stage_statuses(
-            plan,
-            spec,
-            done,
-            current,
-            {"state": StageState.FAILED, "failed": failed, "latest": latest, "message": message},
-        )
-        status.stages = stages
-        status.current_stage = current.name
-        status.progress = f"Failed: {reason}"
-        status.completion_time = status.completion_time or format_time(self.now)
-        status.conditions = set_condition(
-            status.conditions,
-            ConditionType.FAILED,
-            True,
-            reason,
-            message,
-            self.now,
-            self.generation,
-        )
-        status.conditions = clear_condition(
-            status.conditions,
-            ConditionType.RUNNING,
-            reason,
-            message,
-            self.now,
-            self.generation,
-        )
-        ttl = spec.run_policy.ttl_seconds_after_finished
-        return self.decide(
+        infos = {
+            name: run.info(
+                StageState.FAILED if name in failing else StageState.PENDING,
+                message=message if name in failing else _last_failure(run.failed),
+            )
+            for name, run in runs.items()
+        }
+        status.stages, completed = self.stage_statuses(plan, done, infos)
+        status.current_stage = ", ".join(name for name in runs if name in failing)
+        return self.finish(
             status,
-            actions=[*actions, *self.delete_active()],
-            events=[*self.stage_events(status), *events, Event("Warning", reason, message)],
-            requeue_after=float(ttl) if ttl is not None else None,
-            state="Failed",
+            spec,
+            ConditionType.FAILED,
+            reason,
+            message,
+            events=events,
+            actions=actions,
             completed=completed,
         )
+
+    # -- per-stage attempts and the tune stage
+
+    def attempts_of(self, stage: PlannedStage) -> _StageRun:
+        mine = sorted((c for c in self.children if c.stage == stage.name), key=lambda c: c.attempt)
+        latest = mine[-1] if mine else None
+        return _StageRun(
+            latest=latest,
+            # Reaching here means the store holds no final checkpoint for the stage, so a child
+            # that reports success did not really finish: it counts as failed, like a failed one.
+            failed=[
+                c
+                for c in mine
+                if c.stopped is not None or c.phase in (ChildPhase.FAILED, ChildPhase.SUCCEEDED)
+            ],
+            active=[c for c in mine if c.active],
+            attempt=latest.attempt if latest else 0,
+            child=latest.name if latest else None,
+        )
+
+    def tune_status(self, backend: TuneBackend) -> TuneStatus:
+        dashboard, port_forward = dashboard_address(self.name, self.namespace)
+        return TuneStatus(
+            backend="rayjob" if backend == TuneBackend.RAYJOB else "pod",
+            service=dashboard_service_name(self.name),
+            dashboard=dashboard,
+            port_forward=port_forward,
+        )
+
+    def note_tune(
+        self, status: ULMFiTJobStatus, plan: Plan, done: Mapping[str, FinalCheckpoint]
+    ) -> None:
+        """Record the sweep's best parameters once its final checkpoint has been read."""
+        final = done.get(TUNE_KEY)
+        if final is None or final.best_params is None or not plan.has(StageName.TUNE):
+            return
+        tune = status.tune or self.tune_status(
+            TuneBackend.RAYJOB
+            if any(c.kind == RAYJOB_KIND for c in self.children if c.stage == TUNE_KEY)
+            else TuneBackend.POD
+        )
+        status.tune = tune.model_copy(update={"best_params": dict(final.best_params)})
 
     # -- building status.stages
 
     def stage_statuses(
         self,
         plan: Plan,
-        spec: ULMFiTJobSpec,
         done: Mapping[str, FinalCheckpoint],
-        current: PlannedStage | None,
-        current_info: Mapping[str, Any],
+        infos: Mapping[str, _StageInfo],
     ) -> tuple[list[StageStatus], list[tuple[str, float]]]:
         """One entry per stage (disabled LM stages as Skipped), plus newly finished stages."""
-        result: list[StageStatus] = []
+        result: list[tuple[int, StageStatus]] = []
         completed: list[tuple[str, float]] = []
         planned = set(plan.names)
-        for name in StageName:
-            if name not in planned:
-                if name in (StageName.PRETRAIN, StageName.FINETUNE):
-                    result.append(StageStatus(name=name, state=StageState.SKIPPED))
-                continue
+        lm_stages = (StageName.PRETRAIN, StageName.FINETUNE)
+        for index, lm in enumerate(lm_stages):
+            if lm.value not in planned:
+                result.append((index, StageStatus(name=lm, kind=lm, state=StageState.SKIPPED)))
+        for position, stage in enumerate(plan.stages):
+            order = lm_stages.index(stage.kind) if stage.kind in lm_stages else 2 + position
+            name = stage.name
             old = self.old_stage(name)
             mine = [c for c in self.children if c.stage == name]
             latest = max(mine, key=lambda c: c.attempt) if mine else None
-            entry = StageStatus(name=name, state=StageState.PENDING)
+            entry = StageStatus(name=name, kind=stage.kind, state=StageState.PENDING)
             if old is not None:
                 entry = old.model_copy(deep=True)
+                entry.kind = stage.kind
             if name in done:
                 final = done[name]
                 was_done = old is not None and old.state == StageState.SUCCEEDED
@@ -778,24 +845,23 @@ class _Context:
                 if not was_done:
                     started = parse_time(entry.start_time)
                     if started is not None:
-                        completed.append((name, max(0.0, (finished_at - started).total_seconds())))
-            elif current is not None and name == current.name:
-                entry.state = current_info["state"]
-                failed = current_info.get("failed", [])
-                entry.failures = len(failed)
-                attempt = current_info.get("attempt")
-                if attempt is None:
-                    attempt = latest.attempt if latest else entry.attempts
-                entry.attempts = attempt
-                entry.child = current_info.get("child") or (latest.name if latest else entry.child)
-                entry.message = current_info.get("message") or None
-                if entry.start_time is None and attempt:
+                        completed.append(
+                            (stage.kind.value, max(0.0, (finished_at - started).total_seconds()))
+                        )
+            elif name in infos:
+                info = infos[name]
+                entry.state = info.state
+                entry.failures = info.failures
+                entry.attempts = info.attempt or entry.attempts
+                entry.child = info.child or entry.child
+                entry.message = info.message or None
+                if entry.start_time is None and info.attempt:
                     entry.start_time = format_time(self.now)
                 entry.completion_time = None
             else:
-                entry = StageStatus(name=name, state=StageState.PENDING)
-            result.append(entry)
-        return result, completed
+                entry = StageStatus(name=name, kind=stage.kind, state=StageState.PENDING)
+            result.append((order, entry))
+        return [entry for _, entry in sorted(result, key=lambda item: item[0])], completed
 
     def stage_events(self, status: ULMFiTJobStatus) -> list[Event]:
         """Normal events for stages that succeeded since the old status."""
@@ -828,6 +894,37 @@ def _progress_time(progress: Mapping[str, Any] | None, since: datetime | None) -
     if updated is None or (since is not None and updated < since):
         return None
     return updated
+
+
+@dataclass
+class _StageInfo:
+    """What status.stages[] says about a stage that is ready (running or about to)."""
+
+    state: StageState
+    attempt: int
+    failures: int
+    child: str | None
+    message: str
+
+
+@dataclass
+class _StageRun:
+    """The attempts of one ready stage, as this reconcile sees and changes them."""
+
+    latest: Child | None
+    failed: list[Child]
+    active: list[Child]
+    attempt: int
+    child: str | None
+    stopped_now: bool = False
+    """The watchdog stopped an attempt in this reconcile: the next starts on the next one."""
+
+    def info(self, state: StageState, message: str) -> _StageInfo:
+        return _StageInfo(state, self.attempt, len(self.failed), self.child, message)
+
+
+def _current(ready: Sequence[PlannedStage]) -> str:
+    return ",".join(stage.name for stage in ready)
 
 
 def _last_failure(failed: Sequence[Child]) -> str:
@@ -882,11 +979,13 @@ def numeric_metrics(raw: Any) -> dict[str, float]:
 def final_checkpoint(uri: str, created_at: str, meta: Mapping[str, Any]) -> FinalCheckpoint:
     """A store `Checkpoint`'s facts that reconcile uses (the caller reads the store)."""
     model_uri = meta.get("modelUri") or meta.get("model_uri")
+    best = meta.get("bestParams")
     return FinalCheckpoint(
         uri=uri,
         created_at=parse_time(created_at),
         metrics=numeric_metrics(meta.get("metrics")),
         model_uri=str(model_uri) if model_uri else None,
+        best_params=numeric_metrics(best) if isinstance(best, Mapping) else None,
     )
 
 
@@ -904,5 +1003,6 @@ __all__ = [
     "StopChild",
     "final_checkpoint",
     "numeric_metrics",
+    "pseudo_label_stats",
     "reconcile",
 ]

@@ -6,6 +6,7 @@ the store (checkpoints, progress) say, so every field here can be recomputed fro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -46,8 +47,11 @@ class Condition(WireModel):
 class StageStatus(WireModel):
     """What happened to one stage of the plan."""
 
-    name: StageName
-    """The stage: `pretrain`, `finetune`, `classifier` or `evaluate`."""
+    name: str
+    """The stage's key: `pretrain`, `finetune`, `cotrain-<model>` (`cotrain-<model>-r<round>`
+    after the first round), `tune`, `classifier` or `evaluate`."""
+    kind: StageName | None = None
+    """What the stage runs (`cotrain` for every co-trained model)."""
     state: StageState
     """`Pending`, `Running`, `Succeeded`, `Failed` or `Skipped`."""
     attempts: Annotated[int, Field(ge=0)] = 0
@@ -55,7 +59,8 @@ class StageStatus(WireModel):
     failures: Annotated[int, Field(ge=0)] = 0
     """Attempts that failed (counted against `runPolicy.backoffLimit`)."""
     child: str | None = None
-    """Name of the current (or last) child workload (a PyTorchJob, or a Job for `evaluate`)."""
+    """Name of the current (or last) child workload (a PyTorchJob; a Job for `evaluate` and a
+    pod-backed `tune`; a RayJob for a KubeRay-backed `tune`)."""
     start_time: Timestamp | None = None
     """When the stage's first attempt was created."""
     completion_time: Timestamp | None = None
@@ -68,6 +73,19 @@ class StageStatus(WireModel):
     """Why the last attempt failed, when it did."""
 
 
+class PseudoLabelStats(WireModel):
+    """The co-trained pseudo-labels the final classifier trained on."""
+
+    total: Annotated[int, Field(ge=0)] = 0
+    """Pseudo-labeled documents added to the training set."""
+    per_class: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    """Pseudo-labels per label."""
+    accuracy: float | None = None
+    """Share of pseudo-labels matching the true label, where the pool has true labels."""
+    weak_label_accuracy: float | None = None
+    """Share of weak (rule or noisy) labels matching the true label, where known."""
+
+
 class JobResult(WireModel):
     """What the job produced."""
 
@@ -75,6 +93,26 @@ class JobResult(WireModel):
     """Where the exported model (Hugging Face `save_pretrained` layout) lives."""
     test_metrics: dict[str, float] = Field(default_factory=dict)
     """Metrics on the test split: accuracy, macro-F1, the majority-class baseline, ..."""
+    best_params: dict[str, float] | None = None
+    """The tune stage's best classifier hyperparameters (wire names), which the final
+    classifier trained with."""
+    pseudo_labels: PseudoLabelStats | None = None
+    """Pseudo-label statistics of the final classifier's training set (co-training only)."""
+
+
+class TuneStatus(WireModel):
+    """Where to watch the hyperparameter sweep."""
+
+    backend: Literal["pod", "rayjob"]
+    """What runs the sweep: one pod with a Ray head (`pod`) or a KubeRay RayJob (`rayjob`)."""
+    service: str
+    """The ClusterIP Service in front of the Ray dashboard (port 8265)."""
+    dashboard: str
+    """The Ray dashboard's address inside the cluster."""
+    port_forward: str
+    """Run this to open the dashboard at http://localhost:8265."""
+    best_params: dict[str, float] | None = None
+    """The best trial's hyperparameters, once the sweep has finished."""
 
 
 class ULMFiTJobStatus(WireModel):
@@ -93,13 +131,15 @@ class ULMFiTJobStatus(WireModel):
     )
     """One entry per planned stage, in plan order."""
     current_stage: str | None = None
-    """The stage that runs now (or ran last)."""
+    """The stages that run now (or ran last), comma-separated: co-trained models run at once."""
     progress: str | None = None
     """Progress for people, e.g. `classifier phase 2/4, 63%`."""
     start_time: Timestamp | None = None
     """When the operator started the job (reset when a suspended job resumes)."""
     completion_time: Timestamp | None = None
     """When the job succeeded or failed."""
+    tune: TuneStatus | None = None
+    """The hyperparameter sweep's dashboard, once the tune stage has started."""
     result: JobResult | None = None
     """The exported model and its test metrics, once the job has succeeded."""
 
@@ -185,3 +225,24 @@ def clear_condition(
     if find_condition(conditions, kind) is None:
         return conditions
     return set_condition(conditions, kind, False, reason, message, now, generation)
+
+
+PSEUDO_LABELS = "pseudoLabels"
+
+
+def pseudo_label_stats(metrics: Mapping[str, Any]) -> PseudoLabelStats | None:
+    """The classifier's pseudo-label metrics (`pseudoLabels`, `pseudoLabels/<label>`,
+    `pseudoLabelAccuracy`, `weakLabelAccuracy`) as one record; None without co-training."""
+    if PSEUDO_LABELS not in metrics:
+        return None
+    prefix = f"{PSEUDO_LABELS}/"
+    return PseudoLabelStats(
+        total=int(metrics[PSEUDO_LABELS]),
+        per_class={
+            key.removeprefix(prefix): int(value)
+            for key, value in sorted(metrics.items())
+            if key.startswith(prefix)
+        },
+        accuracy=metrics.get("pseudoLabelAccuracy"),
+        weak_label_accuracy=metrics.get("weakLabelAccuracy"),
+    )

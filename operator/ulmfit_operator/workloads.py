@@ -1,16 +1,20 @@
 """Pure: the child objects of a ULMFiTJob, and how to read them back.
 
 Each attempt of a stage is one child: a Kubeflow `PyTorchJob` (Master + Workers running torchrun)
-for a distributed stage, a `batch/v1` Job for the single-process `evaluate`. Its stage config
-(the plan's `StageConfig` as JSON) lives in an owned ConfigMap mounted at `/etc/ulmfit`. Names are
-deterministic, `<job>-<stage>-a<attempt>`, so an operator that restarts finds what it created
-instead of creating it twice.
+for a distributed stage (LM stages, each co-trained model, the classifier), a `batch/v1` Job for
+the single-process `evaluate`, and for `tune` either a Job whose one pod runs a Ray head (backend
+`pod`) or a KubeRay `RayJob` (backend `rayjob`). Its stage config (the plan's `StageConfig` as
+JSON) lives in an owned ConfigMap mounted at `/etc/ulmfit`. Names are deterministic,
+`<job>-<stage key>-a<attempt>`, so an operator that restarts finds what it created instead of
+creating it twice. The tune stage also gets a Service `<job>-tune-dashboard` in front of the Ray
+dashboard (port 8265), owned by the job.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -24,15 +28,19 @@ from kubeflow.training.models import (
     KubeflowOrgV1RunPolicy,
 )
 from kubernetes import client as k8s
-from ulmfit_trainer.config import StageConfig, StorageSpec
+from ulmfit_trainer.config import StageConfig, StageName, StorageSpec, TuneBackend, TuneSpec
 
 from ulmfit_operator.api import API_VERSION, KIND, ULMFiTJobSpec
-from ulmfit_operator.plan import PlannedStage
+from ulmfit_operator.plan import TUNE_KEY, PlannedStage
 from ulmfit_operator.status import parse_time
 
 LABEL_JOB = "ulmfit.io/job"
 LABEL_STAGE = "ulmfit.io/stage"
 LABEL_ATTEMPT = "ulmfit.io/attempt"
+LABEL_ROLE = "ulmfit.io/role"
+ROLE_RAY_HEAD = "ray-head"
+"""On the pod that serves the Ray dashboard (the tune pod, or a RayJob's head): the Service
+selects it."""
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "ulmfit-operator"
 ANNOTATION_INIT_CHECKPOINT = "ulmfit.io/init-checkpoint"
@@ -45,12 +53,24 @@ PYTORCHJOB_PLURAL = "pytorchjobs"
 JOB_API_VERSION = "batch/v1"
 JOB_KIND = "Job"
 CONFIGMAP_KIND = "ConfigMap"
+SERVICE_KIND = "Service"
+RAYJOB_API_VERSION = "ray.io/v1"
+RAYJOB_KIND = "RayJob"
+RAYJOB_PLURAL = "rayjobs"
+RAYJOB_CRD = f"{RAYJOB_PLURAL}.ray.io"
 
 # The Training Operator looks the container and its port up by these names.
 PYTORCH_CONTAINER = "pytorch"
 PYTORCH_PORT_NAME = "pytorchjob-port"
 PYTORCH_PORT = 23456
 EVALUATE_CONTAINER = "evaluate"
+TUNE_CONTAINER = "tune"
+RAY_HEAD_CONTAINER = "ray-head"
+RAY_WORKER_CONTAINER = "ray-worker"
+DASHBOARD_PORT = 8265
+DASHBOARD_PORT_NAME = "dashboard"
+RAY_GCS_PORT = 6379
+RAY_CLIENT_PORT = 10001
 
 CONFIG_DIR = "/etc/ulmfit"
 CONFIG_FILE = "stage.json"
@@ -60,6 +80,7 @@ RUN_AS_USER = 65532  # the non-root user of the Dockerfile's trainer image
 # The Training Operator names pods and Services `<child>-worker-<index>` (a DNS-1035 label,
 # at most 63 characters): 50 leaves room for `-worker-1023`.
 MAX_CHILD_NAME = 50
+MAX_SERVICE_NAME = 63
 
 _SERIALIZER = k8s.ApiClient()
 # Each kubeflow model makes its own Configuration unless given one, and every new Configuration
@@ -92,15 +113,34 @@ def to_dict(model: Any) -> Any:
 # --------------------------------------------------------------------------------------- names
 
 
-def child_name(job: str, stage: str, attempt: int) -> str:
-    """`<job>-<stage>-a<attempt>`; long job names are cut and made unique with a hash."""
-    suffix = f"-{stage}-a{attempt}"
+def _bounded(job: str, suffix: str, limit: int) -> str:
+    """`<job><suffix>` in at most `limit` characters; a long job name is cut and made unique
+    with a hash of it."""
     base = job if job[:1].isalpha() else f"u{job}"  # DNS-1035: a Service name starts with a letter
-    if len(base) + len(suffix) > MAX_CHILD_NAME:
+    if len(base) + len(suffix) > limit:
         digest = hashlib.sha256(job.encode()).hexdigest()[:6]
-        keep = MAX_CHILD_NAME - len(suffix) - len(digest) - 1
+        keep = limit - len(suffix) - len(digest) - 1
         base = f"{base[:keep].rstrip('-')}-{digest}"
     return base + suffix
+
+
+def child_name(job: str, stage: str, attempt: int) -> str:
+    """`<job>-<stage key>-a<attempt>`."""
+    return _bounded(job, f"-{stage}-a{attempt}", MAX_CHILD_NAME)
+
+
+def dashboard_service_name(job: str) -> str:
+    """`<job>-tune-dashboard`: the Service in front of the tune stage's Ray dashboard."""
+    return _bounded(job, "-tune-dashboard", MAX_SERVICE_NAME)
+
+
+def dashboard_address(job: str, namespace: str) -> tuple[str, str]:
+    """The dashboard's in-cluster URL and the port-forward command that opens it locally."""
+    service = dashboard_service_name(job)
+    return (
+        f"http://{service}.{namespace}.svc:{DASHBOARD_PORT}",
+        f"kubectl port-forward -n {namespace} svc/{service} {DASHBOARD_PORT}:{DASHBOARD_PORT}",
+    )
 
 
 def config_map_name(child: str) -> str:
@@ -128,12 +168,16 @@ class Owner:
             "blockOwnerDeletion": True,
         }
 
-    def labels(self, stage: str | None = None, attempt: int | None = None) -> dict[str, str]:
+    def labels(
+        self, stage: str | None = None, attempt: int | None = None, role: str | None = None
+    ) -> dict[str, str]:
         labels = {LABEL_JOB: self.name, LABEL_MANAGED_BY: MANAGER}
         if stage is not None:
             labels[LABEL_STAGE] = stage
         if attempt is not None:
             labels[LABEL_ATTEMPT] = str(attempt)
+        if role is not None:
+            labels[LABEL_ROLE] = role
         return labels
 
     def metadata(
@@ -193,7 +237,8 @@ def torchrun_command(stage: str, workers: int, processes: int) -> list[str]:
     ]
 
 
-def evaluate_command(stage: str) -> list[str]:
+def single_process_command(stage: str) -> list[str]:
+    """One process (evaluate; tune, which starts Ray and its trials by itself)."""
     return ["python", "-m", "ulmfit_trainer", stage, "--config", CONFIG_PATH]
 
 
@@ -221,13 +266,24 @@ def storage_env(storage: StorageSpec) -> list[k8s.V1EnvVar]:
     ]
 
 
+def _security_context() -> k8s.V1SecurityContext:
+    return k8s.V1SecurityContext(
+        allow_privilege_escalation=False,
+        read_only_root_filesystem=True,
+        run_as_non_root=True,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
 def _container(
     name: str,
     spec: ULMFiTJobSpec,
-    command: list[str],
+    command: list[str] | None,
     gpus: int,
     attempt: int,
-    port: bool,
+    ports: list[k8s.V1ContainerPort] | None = None,
+    extra_env: list[k8s.V1EnvVar] | None = None,
 ) -> k8s.V1Container:
     res = spec.resources
     limits = {"cpu": res.cpu, "memory": res.memory}
@@ -238,6 +294,7 @@ def _container(
         k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
         k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
         k8s.V1EnvVar(name="ULMFIT_ATTEMPT", value=str(attempt)),
+        *(extra_env or []),
         *storage_env(spec.storage),
     ]
     return k8s.V1Container(
@@ -246,24 +303,14 @@ def _container(
         image_pull_policy=res.image_pull_policy,
         command=command,
         env=env,
-        ports=(
-            [k8s.V1ContainerPort(name=PYTORCH_PORT_NAME, container_port=PYTORCH_PORT)]
-            if port
-            else None
-        ),
+        ports=ports or None,
         resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits),
         volume_mounts=[
             k8s.V1VolumeMount(name="stage-config", mount_path=CONFIG_DIR, read_only=True),
             k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
             k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
         ],
-        security_context=k8s.V1SecurityContext(
-            allow_privilege_escalation=False,
-            read_only_root_filesystem=True,
-            run_as_non_root=True,
-            capabilities=k8s.V1Capabilities(drop=["ALL"]),
-            seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-        ),
+        security_context=_security_context(),
     )
 
 
@@ -274,11 +321,13 @@ def _pod_template(
     child: str,
     container: k8s.V1Container,
     spec: ULMFiTJobSpec,
+    role: str | None = None,
+    restart_policy: str | None = "Never",
 ) -> k8s.V1PodTemplateSpec:
     return k8s.V1PodTemplateSpec(
-        metadata=k8s.V1ObjectMeta(labels=owner.labels(stage, attempt)),
+        metadata=k8s.V1ObjectMeta(labels=owner.labels(stage, attempt, role)),
         spec=k8s.V1PodSpec(
-            restart_policy="Never",
+            restart_policy=restart_policy,
             # Pods never talk to the Kubernetes API: progress travels through the store.
             automount_service_account_token=False,
             enable_service_links=False,
@@ -321,11 +370,12 @@ def pytorch_job(
     """The PyTorchJob for one attempt of a distributed stage: 1 Master + (workers - 1) Workers."""
     name = child_name(owner.name, stage.name, attempt)
     res = spec.resources
-    command = torchrun_command(stage.name, res.workers, res.processes_per_worker)
+    command = torchrun_command(stage.kind.value, res.workers, res.processes_per_worker)
+    port = [k8s.V1ContainerPort(name=PYTORCH_PORT_NAME, container_port=PYTORCH_PORT)]
 
     def replicas(count: int) -> KubeflowOrgV1ReplicaSpec:
         container = _container(
-            PYTORCH_CONTAINER, spec, command, res.gpus_per_worker, attempt, port=True
+            PYTORCH_CONTAINER, spec, command, res.gpus_per_worker, attempt, ports=port
         )
         return KubeflowOrgV1ReplicaSpec(
             replicas=count,
@@ -355,6 +405,28 @@ def pytorch_job(
     return to_dict(job)
 
 
+def _batch_job(
+    owner: Owner,
+    stage: PlannedStage,
+    spec: ULMFiTJobSpec,
+    attempt: int,
+    container: k8s.V1Container,
+    init_checkpoint: str | None,
+    role: str | None = None,
+) -> dict[str, Any]:
+    name = child_name(owner.name, stage.name, attempt)
+    job = k8s.V1Job(
+        api_version=JOB_API_VERSION,
+        kind=JOB_KIND,
+        metadata=owner.metadata(name, stage.name, attempt, _annotations(init_checkpoint)),
+        spec=k8s.V1JobSpec(
+            backoff_limit=0,
+            template=_pod_template(owner, stage.name, attempt, name, container, spec, role),
+        ),
+    )
+    return to_dict(job)
+
+
 def evaluate_job(
     owner: Owner,
     stage: PlannedStage,
@@ -363,21 +435,157 @@ def evaluate_job(
     init_checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job for one attempt of the single-process `evaluate` stage."""
-    name = child_name(owner.name, stage.name, attempt)
     gpus = min(spec.resources.gpus_per_worker, 1)
     container = _container(
-        EVALUATE_CONTAINER, spec, evaluate_command(stage.name), gpus, attempt, port=False
+        EVALUATE_CONTAINER, spec, single_process_command(stage.kind.value), gpus, attempt
     )
-    job = k8s.V1Job(
-        api_version=JOB_API_VERSION,
-        kind=JOB_KIND,
-        metadata=owner.metadata(name, stage.name, attempt, _annotations(init_checkpoint)),
-        spec=k8s.V1JobSpec(
-            backoff_limit=0,
-            template=_pod_template(owner, stage.name, attempt, name, container, spec),
+    return _batch_job(owner, stage, spec, attempt, container, init_checkpoint)
+
+
+def tune_gpus(tune: TuneSpec, spec: ULMFiTJobSpec) -> int:
+    """GPUs of the pod that runs a whole sweep (backend `pod`).
+
+    With `concurrentTrials` set, enough for that many trials at once:
+    ceil(gpusPerTrial x concurrentTrials). Otherwise `resources.gpusPerWorker` (Ray runs as many
+    trials as fit), but at least enough for one trial.
+    """
+    if tune.gpus_per_trial <= 0:
+        return 0
+    if tune.concurrent_trials is not None:
+        return math.ceil(tune.gpus_per_trial * tune.concurrent_trials)
+    return max(spec.resources.gpus_per_worker, math.ceil(tune.gpus_per_trial))
+
+
+def _dashboard_port() -> list[k8s.V1ContainerPort]:
+    return [k8s.V1ContainerPort(name=DASHBOARD_PORT_NAME, container_port=DASHBOARD_PORT)]
+
+
+def tune_job(
+    owner: Owner,
+    stage: PlannedStage,
+    spec: ULMFiTJobSpec,
+    attempt: int,
+    init_checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """Backend `pod`: a batch/v1 Job whose one pod starts a Ray head and runs the whole sweep."""
+    tune = stage.config.tune
+    assert tune is not None  # a tune stage's config always carries its sweep
+    env = [
+        k8s.V1EnvVar(name="ULMFIT_RAY_DASHBOARD_HOST", value="0.0.0.0"),
+        k8s.V1EnvVar(name="ULMFIT_RAY_DASHBOARD_PORT", value=str(DASHBOARD_PORT)),
+    ]
+    container = _container(
+        TUNE_CONTAINER,
+        spec,
+        single_process_command(stage.kind.value),
+        tune_gpus(tune, spec),
+        attempt,
+        ports=_dashboard_port(),
+        extra_env=env,
+    )
+    return _batch_job(owner, stage, spec, attempt, container, init_checkpoint, ROLE_RAY_HEAD)
+
+
+def tune_rayjob(
+    owner: Owner,
+    stage: PlannedStage,
+    spec: ULMFiTJobSpec,
+    attempt: int,
+    init_checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """Backend `rayjob`: a KubeRay RayJob; its cluster is a head plus `workers - 1` workers.
+
+    KubeRay starts Ray in each pod (from `rayStartParams`), submits the entrypoint to the head
+    (with RAY_ADDRESS set, so the trainer joins that cluster) and, with
+    `shutdownAfterJobFinishes`, deletes the cluster when the sweep ends. Every Ray pod mounts the
+    stage config; each gets `resources.cpu/memory/gpusPerWorker`.
+    """
+    name = child_name(owner.name, stage.name, attempt)
+    res = spec.resources
+    head_ports = [
+        k8s.V1ContainerPort(name="gcs-server", container_port=RAY_GCS_PORT),
+        k8s.V1ContainerPort(name="client", container_port=RAY_CLIENT_PORT),
+        *_dashboard_port(),
+    ]
+    head = _container(
+        RAY_HEAD_CONTAINER, spec, None, res.gpus_per_worker, attempt, ports=head_ports
+    )
+    start_params = {"num-cpus": _whole_cpus(res.cpu)}
+    head_group: dict[str, Any] = {
+        "rayStartParams": {**start_params, "dashboard-host": "0.0.0.0"},
+        "template": to_dict(
+            _pod_template(owner, stage.name, attempt, name, head, spec, ROLE_RAY_HEAD, None)
+        ),
+    }
+    ray_cluster: dict[str, Any] = {"headGroupSpec": head_group}
+    if res.workers > 1:
+        worker = _container(RAY_WORKER_CONTAINER, spec, None, res.gpus_per_worker, attempt)
+        ray_cluster["workerGroupSpecs"] = [
+            {
+                "groupName": "workers",
+                "replicas": res.workers - 1,
+                "minReplicas": res.workers - 1,
+                "maxReplicas": res.workers - 1,
+                "rayStartParams": dict(start_params),
+                "template": to_dict(
+                    _pod_template(owner, stage.name, attempt, name, worker, spec, None, None)
+                ),
+            }
+        ]
+    metadata = owner.metadata(name, stage.name, attempt, _annotations(init_checkpoint))
+    return {
+        "apiVersion": RAYJOB_API_VERSION,
+        "kind": RAYJOB_KIND,
+        "metadata": to_dict(metadata),
+        "spec": {
+            "entrypoint": " ".join(single_process_command(stage.kind.value)),
+            "shutdownAfterJobFinishes": True,
+            "rayClusterSpec": ray_cluster,
+        },
+    }
+
+
+def _whole_cpus(quantity: str) -> str:
+    """Ray's `--num-cpus` from a Kubernetes CPU quantity (`500m` -> 1, `2` -> 2)."""
+    if quantity.endswith("m"):
+        return str(max(1, math.ceil(float(quantity[:-1]) / 1000)))
+    return str(max(1, math.ceil(float(quantity))))
+
+
+def dashboard_service(owner: Owner) -> dict[str, Any]:
+    """ClusterIP Service on port 8265 in front of the pod with the Ray head (any attempt's)."""
+    body = k8s.V1Service(
+        api_version="v1",
+        kind=SERVICE_KIND,
+        metadata=k8s.V1ObjectMeta(
+            name=dashboard_service_name(owner.name),
+            namespace=owner.namespace,
+            labels=owner.labels(TUNE_KEY),
+            owner_references=[k8s.V1OwnerReference.model_validate(owner.reference())],
+        ),
+        spec=k8s.V1ServiceSpec(
+            type="ClusterIP",
+            selector=owner.labels(TUNE_KEY, role=ROLE_RAY_HEAD),
+            ports=[
+                k8s.V1ServicePort(
+                    name=DASHBOARD_PORT_NAME,
+                    port=DASHBOARD_PORT,
+                    target_port=DASHBOARD_PORT_NAME,
+                    protocol="TCP",
+                )
+            ],
         ),
     )
-    return to_dict(job)
+    return to_dict(body)
+
+
+def tune_backend(stage: PlannedStage, rayjob_available: bool) -> TuneBackend:
+    """`auto` becomes `rayjob` where the RayJob CRD is installed, else `pod`."""
+    tune = stage.config.tune
+    wanted = tune.backend if tune is not None else TuneBackend.POD
+    if wanted == TuneBackend.AUTO:
+        return TuneBackend.RAYJOB if rayjob_available else TuneBackend.POD
+    return wanted
 
 
 def stage_child(
@@ -386,8 +594,16 @@ def stage_child(
     spec: ULMFiTJobSpec,
     attempt: int,
     init_checkpoint: str | None = None,
+    *,
+    backend: TuneBackend = TuneBackend.POD,
 ) -> dict[str, Any]:
-    build = pytorch_job if stage.distributed else evaluate_job
+    """The child workload of one attempt (`backend` only matters to a tune stage)."""
+    if stage.kind == StageName.TUNE:
+        build = tune_rayjob if backend == TuneBackend.RAYJOB else tune_job
+    elif stage.distributed:
+        build = pytorch_job
+    else:
+        build = evaluate_job
     return build(owner, stage, spec, attempt, init_checkpoint)
 
 
@@ -463,18 +679,14 @@ def _failure_message(condition: dict[str, Any] | None) -> str:
 
 
 def observe_child(body: dict[str, Any]) -> Child | None:
-    """A PyTorchJob or Job we created, as reconcile sees it; None for anything else."""
+    """A PyTorchJob, Job or RayJob we created, as reconcile sees it; None for anything else."""
     meta = body.get("metadata") or {}
     labels = meta.get("labels") or {}
     kind = body.get("kind")
     if (
         LABEL_JOB not in labels
         or LABEL_STAGE not in labels
-        or kind
-        not in (
-            PYTORCHJOB_KIND,
-            JOB_KIND,
-        )
+        or kind not in (PYTORCHJOB_KIND, JOB_KIND, RAYJOB_KIND)
     ):
         return None
     try:
@@ -504,6 +716,8 @@ def observe_child(body: dict[str, Any]) -> Child | None:
             phase = ChildPhase.RUNNING
         else:
             phase = ChildPhase.PENDING
+    elif kind == RAYJOB_KIND:
+        phase, message = _rayjob_phase(spec, status)
     else:
         if "Complete" in true:
             phase = ChildPhase.SUCCEEDED
@@ -535,12 +749,31 @@ def observe_child(body: dict[str, Any]) -> Child | None:
     )
 
 
+def _rayjob_phase(spec: dict[str, Any], status: dict[str, Any]) -> tuple[ChildPhase, str]:
+    """A RayJob's `jobStatus` (the Ray job) and `jobDeploymentStatus` (KubeRay's) as a phase."""
+    job_status = str(status.get("jobStatus") or "").upper()
+    deployment = str(status.get("jobDeploymentStatus") or "")
+    if job_status == "SUCCEEDED":
+        return ChildPhase.SUCCEEDED, ""
+    if job_status in ("FAILED", "STOPPED") or deployment == "Failed":
+        reason = str(status.get("reason") or f"RayJob{job_status.title() or deployment}")
+        detail = str(status.get("message") or "")
+        return ChildPhase.FAILED, f"{reason}: {detail}" if detail else reason
+    if deployment == "Complete":
+        return ChildPhase.SUCCEEDED, ""
+    if spec.get("suspend") or deployment in ("Suspending", "Suspended"):
+        return ChildPhase.SUSPENDED, ""
+    if job_status == "RUNNING" or deployment == "Running":
+        return ChildPhase.RUNNING, ""
+    return ChildPhase.PENDING, ""
+
+
 def stop_patch(kind: str, reason: str) -> dict[str, Any]:
     """Merge patch that suspends a child (its pods go away, the object stays as the record of a
     failed attempt) and says why."""
     patch: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_STOPPED: reason}}}
     if kind == PYTORCHJOB_KIND:
         patch["spec"] = {"runPolicy": {"suspend": True}}
-    else:
+    else:  # a batch Job and a RayJob both suspend with spec.suspend
         patch["spec"] = {"suspend": True}
     return patch

@@ -148,3 +148,131 @@ def test_run_with_s3_storage_leaves_the_expected_objects(
     assert not (tmp_path / "work" / "store").exists()  # nothing went to the local disk store
     result = json.loads((tmp_path / "work" / "result.json").read_text())
     assert result["store"] == f"s3://{s3_bucket}/runs"
+
+
+# ------------------------------------------------------------ the DAG, with a stand-in trainer
+
+# Stands in for `python` (and so for torchrun and the trainer): it logs which stage it was asked
+# to run, then commits that stage's final checkpoint the way the trainer does, with metrics a
+# co-trained classifier and a sweep report. Real store, real plan, real runner; no torch.
+STAND_IN = """
+import json, os, sys, tempfile
+from pathlib import Path
+from ulmfit_trainer.config import StageConfig
+from ulmfit_trainer.store import CheckpointStore, open_store
+
+argv = sys.argv[1:]
+config = StageConfig.read(argv[argv.index("--config") + 1])
+with open(os.environ["STAND_IN_LOG"], "a") as log:
+    log.write(json.dumps({"argv": argv, "key": config.key}) + "\\n")
+metrics, meta = {"loss": 1.0}, {}
+if config.stage == "tune":
+    print("@progress " + json.dumps({"stage": "tune", "dashboard": "http://127.0.0.1:8265"}))
+    print("| trial_0001 | RUNNING | 0.001 |")
+    metrics = {"trials": 4, "trialsCompleted": 3, "trialsStoppedEarly": 1, "trialsFailed": 0,
+               "resultsDir": "/tmp/ray"}
+    meta = {"bestParams": {"learningRate": 0.003}}
+if config.stage == "classifier":
+    metrics = {"validAccuracy": 0.8, "pseudoLabels": 30, "pseudoLabels/a": 20,
+               "pseudoLabels/b": 10, "pseudoLabelAccuracy": 0.9, "weakLabelAccuracy": 0.7}
+if config.stage == "evaluate":
+    metrics = {"accuracy": 0.75}
+directory = Path(tempfile.mkdtemp())
+(directory / "weights.bin").write_bytes(b"w")
+CheckpointStore(open_store(config.store_root), config.run).save(
+    config.key, "final", directory, meta={"metrics": metrics, **meta}, final=True, step=1
+)
+"""
+
+
+def test_local_runner_walks_the_dag_and_summarizes_tune_and_pseudo_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+    from ulmfit_operator.api import parse_job
+    from ulmfit_operator.local import LocalRunner
+
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
+    python.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("STAND_IN_LOG", str(log))
+    document = {
+        "apiVersion": "ulmfit.io/v1alpha1",
+        "kind": "ULMFiTJob",
+        "metadata": {"name": "dag"},
+        "spec": {
+            "stages": {
+                "cotrain": {
+                    "models": [
+                        {"name": "a", "rules": [{"label": "a", "keywords": ["alpha"]}]},
+                        {"name": "b", "rules": [{"label": "b", "keywords": ["beta"]}]},
+                    ],
+                    "rounds": 2,
+                },
+                "tune": {
+                    "space": {"learningRate": {"type": "uniform", "low": 0.001, "high": 0.01}}
+                },
+            }
+        },
+    }
+    console = Console(record=True, width=120)
+    runner = LocalRunner(
+        parse_job(document), tmp_path / "work", nproc=2, console=console, python=str(python)
+    )
+    result = runner.run().to_json()
+
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    keys = [call["key"] for call in calls]
+    assert keys == [
+        "finetune",
+        "cotrain-a",
+        "cotrain-b",
+        "cotrain-a-r2",
+        "cotrain-b-r2",
+        "tune",
+        "classifier",
+        "evaluate",
+    ]
+    by_key = {call["key"]: call["argv"] for call in calls}
+    # Training stages under torchrun with the stage kind; tune as one plain process.
+    assert by_key["cotrain-b-r2"][:4] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+    ]
+    assert by_key["cotrain-b-r2"][4:7] == ["-m", "ulmfit_trainer", "cotrain"]
+    assert by_key["tune"][:3] == ["-m", "ulmfit_trainer", "tune"]
+    assert "torch.distributed.run" not in by_key["tune"]
+    output = console.export_text()
+    assert "Ray dashboard: http://127.0.0.1:8265" in output
+    assert "| trial_0001 | RUNNING | 0.001 |" in output  # the trial table passes through
+
+    assert result["bestParams"] == {"learningRate": 0.003}
+    assert result["tune"] == {
+        "trials": 4,
+        "trialsCompleted": 3,
+        "trialsStoppedEarly": 1,
+        "trialsFailed": 0,
+        "resultsDir": "/tmp/ray",
+    }
+    assert result["pseudoLabels"] == {
+        "total": 30,
+        "perClass": {"a": 20, "b": 10},
+        "accuracy": 0.9,
+        "weakLabelAccuracy": 0.7,
+    }
+    assert json.loads((tmp_path / "work" / "result.json").read_text())["bestParams"] == {
+        "learningRate": 0.003
+    }
+    # A second run skips every finished stage, per key.
+    log.unlink()
+    again = LocalRunner(
+        parse_job(document), tmp_path / "work", nproc=2, console=console, python=str(python)
+    ).run()
+    assert not log.exists()
+    assert {stage.state for stage in again.stages} == {"cached"}
+    assert again.to_json()["bestParams"] == {"learningRate": 0.003}

@@ -201,6 +201,12 @@ def _subset(wanted: Any, got: Any) -> bool:
         return isinstance(got, dict) and all(
             k in got and _subset(v, got[k]) for k, v in wanted.items()
         )
+    if isinstance(wanted, list):  # items of a list get their defaults filled in as well
+        return (
+            isinstance(got, list)
+            and len(wanted) == len(got)
+            and all(_subset(w, g) for w, g in zip(wanted, got, strict=True))
+        )
     if isinstance(wanted, float | int) and isinstance(got, float | int):
         return float(wanted) == float(got)
     return bool(wanted == got)

@@ -58,7 +58,9 @@ def test_operator_rbac_grants_only_what_the_operator_uses() -> None:
         ("ulmfit.io", "ulmfitjobs/finalizers"): {"update"},
         ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "patch", "delete"},
         ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
+        ("ray.io", "rayjobs"): {"create", "get", "list", "watch", "patch", "delete"},
         ("", "configmaps"): {"create"},
+        ("", "services"): {"create"},
         ("", "events"): {"create"},
         ("coordination.k8s.io", "leases"): {"get", "create", "update"},
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -75,7 +76,7 @@ def child(
     owner: str = UID,
     deleting: bool = False,
 ) -> Child:
-    kind = "Job" if stage == "evaluate" else "PyTorchJob"
+    kind = "Job" if stage in ("evaluate", "tune") else "PyTorchJob"
     return Child(
         name=f"{job_name}-{stage}-a{attempt}",
         namespace="team",
@@ -116,11 +117,15 @@ class Store:
         self.asked: list[tuple[str, str]] = []
 
     def decide(
-        self, body: Mapping[str, Any], children: Sequence[Child] = (), now: datetime = NOW
+        self,
+        body: Mapping[str, Any],
+        children: Sequence[Child] = (),
+        now: datetime = NOW,
+        rayjob_available: bool = False,
     ) -> Decision:
         observation = Observation()
-        for _ in range(20):
-            result = reconcile(body, children, observation, now)
+        for _ in range(40):
+            result = reconcile(body, children, observation, now, rayjob_available=rayjob_available)
             if not isinstance(result, NeedStore):
                 return result
             self.asked.append((result.stage, result.what))
@@ -538,3 +543,195 @@ def test_operator_numeric_metrics_keep_only_finite_numbers() -> None:
     )
     assert checkpoint.model_uri == "s3://b/model"
     assert checkpoint.created_at == CREATED + timedelta(minutes=1)
+
+
+# ------------------------------------------------------------------ the DAG: cotrain and tune
+
+COTRAIN = {
+    "models": [
+        {"name": "rules", "rules": [{"label": "a", "keywords": ["alpha"]}]},
+        {"name": "tail", "rules": [{"label": "b", "keywords": ["beta"]}]},
+    ],
+    "rounds": 1,
+}
+TUNE = {"space": {"learningRate": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}}
+
+
+def child_kinds(decision: Decision) -> dict[str, str]:
+    return {a.name: a.kind for a in creates(decision) if a.kind != "ConfigMap"}
+
+
+def test_operator_cotrain_models_of_a_round_start_together() -> None:
+    body = job({"stages": {"cotrain": COTRAIN}})
+    finals = {"finetune": final("finetune")}
+    decision = decide(body, finals=finals)
+    assert child_kinds(decision) == {
+        "topics-cotrain-rules-a1": "PyTorchJob",
+        "topics-cotrain-tail-a1": "PyTorchJob",
+    }
+    configs = [a for a in creates(decision) if a.kind == "ConfigMap"]
+    assert len(configs) == 2
+    for made in creates(decision):
+        if made.kind == "PyTorchJob":
+            command = made.body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"][
+                "containers"
+            ][0]["command"]
+            assert command[-4:-2] == ["ulmfit_trainer", "cotrain"]
+            annotations = made.body["metadata"]["annotations"]
+            assert annotations["ulmfit.io/init-checkpoint"] == finals["finetune"].uri
+    status = decision.status or {}
+    assert status["currentStage"] == "cotrain-rules,cotrain-tail"
+    assert [(s["name"], s["state"]) for s in status["stages"]] == [
+        ("pretrain", "Skipped"),
+        ("finetune", "Succeeded"),
+        ("cotrain-rules", "Pending"),
+        ("cotrain-tail", "Pending"),
+        ("classifier", "Pending"),
+        ("evaluate", "Pending"),
+    ]
+    assert stage_entry(status, "cotrain-tail")["kind"] == "cotrain"
+    assert [e.reason for e in decision.events].count("StageStarted") == 2
+    # One finished, the other still running: no new child; the classifier waits for both.
+    body = after(body, decision)
+    running = [child("cotrain-rules", 1, ChildPhase.SUCCEEDED), child("cotrain-tail", 1)]
+    store = Store(
+        finals={**finals, "cotrain-rules": final("cotrain-rules")},
+        progress={"cotrain-tail": {"step": 5, "totalSteps": 10, "updatedAt": format_time(NOW)}},
+    )
+    waiting = store.decide(body, running)
+    assert not creates(waiting)
+    assert ("classifier", "checkpoint") not in store.asked
+    status = waiting.status or {}
+    assert stage_entry(status, "cotrain-rules")["state"] == "Succeeded"
+    assert stage_entry(status, "cotrain-tail")["state"] == "Running"
+    assert status["progress"] == "cotrain-tail 50%"
+    # Both done: the classifier starts, trained on their pseudo-labels.
+    body = after(body, waiting)
+    store = Store(
+        finals={**finals, "cotrain-rules": final("cotrain-rules"), "cotrain-tail": final("t")}
+    )
+    moving = store.decide(body, [*running[:1], child("cotrain-tail", 1, ChildPhase.SUCCEEDED)])
+    assert child_kinds(moving) == {"topics-classifier-a1": "PyTorchJob"}
+    [config_map] = [a for a in creates(moving) if a.kind == "ConfigMap"]
+    config = json.loads(config_map.body["data"]["stage.json"])
+    assert config["pseudoLabelsFrom"] == ["cotrain-rules", "cotrain-tail"]
+
+
+def test_operator_backoff_is_counted_per_parallel_stage() -> None:
+    body = job({"stages": {"cotrain": COTRAIN}, "runPolicy": {"backoffLimit": 1}})
+    body = after(body, decide(body, finals={"finetune": final("finetune")}))
+    finals = {"finetune": final("finetune")}
+    # Each model failed once: both get a second attempt, independently.
+    failed_once = [
+        child("cotrain-rules", 1, ChildPhase.FAILED, message="OOMKilled"),
+        child("cotrain-tail", 1, ChildPhase.FAILED),
+    ]
+    retry = decide(body, failed_once, finals=finals)
+    assert child_kinds(retry) == {
+        "topics-cotrain-rules-a2": "PyTorchJob",
+        "topics-cotrain-tail-a2": "PyTorchJob",
+    }
+    status = retry.status or {}
+    assert stage_entry(status, "cotrain-rules")["failures"] == 1
+    assert "OOMKilled" in stage_entry(status, "cotrain-rules")["message"]
+    # rules fails again (2 > backoffLimit 1): the job fails, naming it; tail's child is deleted.
+    body = after(body, retry)
+    children = [
+        *failed_once,
+        child("cotrain-rules", 2, ChildPhase.FAILED),
+        child("cotrain-tail", 2),
+    ]
+    store = Store(finals=finals, progress={"cotrain-tail": {"updatedAt": format_time(NOW)}})
+    failed = store.decide(body, children)
+    status = failed.status or {}
+    flag = condition(status, "Failed")
+    assert flag is not None and flag["reason"] == "BackoffLimitExceeded"
+    assert "stage cotrain-rules failed 2 times" in flag["message"]
+    assert stage_entry(status, "cotrain-rules")["state"] == "Failed"
+    assert stage_entry(status, "cotrain-tail")["state"] == "Pending"
+    assert [a.child.name for a in failed.actions if isinstance(a, DeleteChild)] == [
+        "topics-cotrain-tail-a2"
+    ]
+
+
+def test_operator_tune_stage_gets_a_pod_and_a_dashboard_service() -> None:
+    body = job({"stages": {"tune": TUNE}})
+    decision = decide(body, finals={"finetune": final("finetune")})
+    assert child_kinds(decision) == {
+        "topics-tune-a1": "Job",
+        "topics-tune-dashboard": "Service",
+    }
+    status = decision.status or {}
+    assert status["tune"] == {
+        "backend": "pod",
+        "service": "topics-tune-dashboard",
+        "dashboard": "http://topics-tune-dashboard.team.svc:8265",
+        "portForward": "kubectl port-forward -n team svc/topics-tune-dashboard 8265:8265",
+    }
+    [started] = [e for e in decision.events if e.reason == "StageStarted"]
+    assert "kubectl port-forward -n team svc/topics-tune-dashboard 8265:8265" in started.message
+    assert "http://topics-tune-dashboard.team.svc:8265" in started.message
+    # With KubeRay installed, `auto` makes a RayJob; an explicit `pod` does not.
+    assert child_kinds(
+        Store(finals={"finetune": final("finetune")}).decide(body, rayjob_available=True)
+    ) == {"topics-tune-a1": "RayJob", "topics-tune-dashboard": "Service"}
+    pod = job({"stages": {"tune": {**TUNE, "backend": "pod"}}})
+    assert (
+        "Job"
+        in child_kinds(
+            Store(finals={"finetune": final("finetune")}).decide(pod, rayjob_available=True)
+        ).values()
+    )
+
+
+def test_operator_rayjob_backend_without_kuberay_fails_clearly() -> None:
+    body = job({"stages": {"tune": {**TUNE, "backend": "rayjob"}}})
+    decision = decide(body, finals={"finetune": final("finetune")})
+    assert not creates(decision)
+    flag = condition(decision.status or {}, "Failed")
+    assert flag is not None and flag["reason"] == "RayJobUnavailable"
+    assert "rayjobs.ray.io" in flag["message"]
+
+
+def test_operator_result_carries_best_params_and_pseudo_label_stats() -> None:
+    body = job({"stages": {"cotrain": COTRAIN, "tune": TUNE}})
+    classifier_metrics = {
+        "validAccuracy": 0.8,
+        "pseudoLabels": 30,
+        "pseudoLabels/a": 20,
+        "pseudoLabels/b": 10,
+        "pseudoLabelAccuracy": 0.9,
+    }
+    finals = {
+        "finetune": final("finetune"),
+        "cotrain-rules": final("cotrain-rules"),
+        "cotrain-tail": final("cotrain-tail"),
+        "tune": final("tune", {"trials": 8}, best_params={"learningRate": 0.003}),
+        "classifier": final("classifier", classifier_metrics),
+        "evaluate": final("evaluate", {"accuracy": 0.75}, model_uri="s3://m"),
+    }
+    decision = decide(body, finals=finals)
+    status = decision.status or {}
+    assert condition(status, "Succeeded") is not None
+    assert status["result"]["bestParams"] == {"learningRate": 0.003}
+    assert status["result"]["pseudoLabels"] == {
+        "total": 30,
+        "perClass": {"a": 20, "b": 10},
+        "accuracy": 0.9,
+    }
+    assert status["tune"]["bestParams"] == {"learningRate": 0.003}
+    # The status is a cache: recomputed from it alone (no store reads), the result is the same.
+    store = Store()
+    again = store.decide(after(body, decision))
+    assert store.asked == []
+    assert again.status is None
+
+
+def test_operator_final_checkpoint_reads_best_params_from_meta() -> None:
+    found = final_checkpoint(
+        "s3://b/tune/final",
+        format_time(NOW),
+        {"metrics": {"trials": 4}, "bestParams": {"learningRate": 0.01, "head": "concat"}},
+    )
+    assert found.best_params == {"learningRate": 0.01}
+    assert final_checkpoint("s3://b/x", format_time(NOW), {}).best_params is None

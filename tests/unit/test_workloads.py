@@ -14,13 +14,19 @@ from ulmfit_operator.workloads import (
     ChildPhase,
     Owner,
     child_name,
+    dashboard_service,
+    dashboard_service_name,
     evaluate_job,
     observe_child,
     pytorch_job,
+    stage_child,
     stage_config_map,
     stop_patch,
+    tune_gpus,
+    tune_job,
+    tune_rayjob,
 )
-from ulmfit_trainer.config import StageConfig
+from ulmfit_trainer.config import StageConfig, TuneBackend
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -229,3 +235,134 @@ def test_operator_stopped_child_is_no_longer_active() -> None:
 def test_operator_foreign_objects_are_not_children() -> None:
     assert observe_child({"kind": "PyTorchJob", "metadata": {"name": "x", "labels": {}}}) is None
     assert observe_child({"kind": "Pod", "metadata": {"labels": {"ulmfit.io/job": "x"}}}) is None
+
+
+# ----------------------------------------------------------------------------- the tune stage
+
+TUNE = {"space": {"learningRate": {"type": "uniform", "low": 0.001, "high": 0.01}}}
+
+
+def tuned(**tune: Any) -> tuple[Any, Any]:
+    return planned({**SPEC, "stages": {"tune": {**TUNE, **tune}}})
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def test_operator_tune_pod_runs_the_sweep_with_the_dashboard_open() -> None:
+    spec, plan = tuned(gpusPerTrial=0.5, concurrentTrials=3)
+    stage = plan.stage("tune")
+    body = tune_job(OWNER, stage, spec, attempt=1)
+    assert body["kind"] == "Job" and body["metadata"]["name"] == "topics-tune-a1"
+    assert body["spec"]["backoffLimit"] == 0
+    template = body["spec"]["template"]
+    main = container(template)
+    assert main["command"] == [
+        "python",
+        "-m",
+        "ulmfit_trainer",
+        "tune",
+        "--config",
+        "/etc/ulmfit/stage.json",
+    ]
+    env = {e["name"]: e.get("value") for e in main["env"]}
+    assert env["ULMFIT_RAY_DASHBOARD_HOST"] == "0.0.0.0"
+    assert env["ULMFIT_RAY_DASHBOARD_PORT"] == "8265"
+    assert main["ports"] == [{"name": "dashboard", "containerPort": 8265}]
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "2"  # ceil(0.5 x 3)
+    assert main["securityContext"]["readOnlyRootFilesystem"] is True
+    assert main["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert template["spec"]["automountServiceAccountToken"] is False
+    service = dashboard_service(OWNER)
+    assert service["metadata"]["name"] == "topics-tune-dashboard"
+    assert service["metadata"]["ownerReferences"] == [OWNER.reference()]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "dashboard", "port": 8265, "targetPort": "dashboard", "protocol": "TCP"}
+    ]
+    assert selects(service["spec"]["selector"], template["metadata"]["labels"])
+    # Not the pods of other stages.
+    classifier = pytorch_job(OWNER, plan.stage("classifier"), spec, attempt=1)
+    master = classifier["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    assert not selects(service["spec"]["selector"], master["metadata"]["labels"])
+
+
+def test_operator_tune_gpus_follow_concurrency_or_the_worker_size() -> None:
+    spec, plan = tuned()
+    assert tune_gpus(plan.stage("tune").config.tune, spec) == 0
+    spec, plan = tuned(gpusPerTrial=0.25)
+    assert tune_gpus(plan.stage("tune").config.tune, spec) == 2  # resources.gpusPerWorker
+    spec, plan = tuned(gpusPerTrial=1, concurrentTrials=4)
+    assert tune_gpus(plan.stage("tune").config.tune, spec) == 4
+
+
+def test_operator_tune_rayjob_has_a_head_workers_and_the_entrypoint() -> None:
+    spec, plan = tuned(backend="rayjob")
+    stage = plan.stage("tune")
+    body = stage_child(OWNER, stage, spec, 1, "s3://ulmfit/ft/final", backend=TuneBackend.RAYJOB)
+    assert body == tune_rayjob(OWNER, stage, spec, 1, "s3://ulmfit/ft/final")
+    assert body["apiVersion"] == "ray.io/v1" and body["kind"] == "RayJob"
+    assert body["metadata"]["ownerReferences"] == [OWNER.reference()]
+    assert body["metadata"]["labels"]["ulmfit.io/stage"] == "tune"
+    ray = body["spec"]
+    assert ray["entrypoint"] == "python -m ulmfit_trainer tune --config /etc/ulmfit/stage.json"
+    assert ray["shutdownAfterJobFinishes"] is True
+    head = ray["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    head_container = container(head["template"])
+    assert {"name": "dashboard", "containerPort": 8265} in head_container["ports"]
+    mounts = {m["mountPath"] for m in head_container["volumeMounts"]}
+    assert "/etc/ulmfit" in mounts
+    [workers] = ray["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["replicas"] == 2  # resources.workers - 1
+    service = dashboard_service(OWNER)
+    assert selects(service["spec"]["selector"], head["template"]["metadata"]["labels"])
+    assert not selects(service["spec"]["selector"], workers["template"]["metadata"]["labels"])
+    # A single-worker job: the head alone runs the trials.
+    one = {**SPEC, "resources": {**SPEC["resources"], "workers": 1}}
+    spec, plan = planned({**one, "stages": {"tune": TUNE}})
+    alone = tune_rayjob(OWNER, plan.stage("tune"), spec, 1)
+    assert "workerGroupSpecs" not in alone["spec"]["rayClusterSpec"]
+
+
+@pytest.mark.parametrize(
+    ("status", "spec", "phase"),
+    [
+        ({}, {}, ChildPhase.PENDING),
+        ({"jobDeploymentStatus": "Initializing"}, {}, ChildPhase.PENDING),
+        ({"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}, {}, ChildPhase.RUNNING),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, {}, ChildPhase.SUCCEEDED),
+        ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, {}, ChildPhase.FAILED),
+        ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, {}, ChildPhase.FAILED),
+        ({"jobDeploymentStatus": "Running"}, {"suspend": True}, ChildPhase.SUSPENDED),
+    ],
+)
+def test_operator_rayjob_status_reads_back_as_a_phase(
+    status: dict[str, Any], spec: dict[str, Any], phase: ChildPhase
+) -> None:
+    parsed, plan = tuned(backend="rayjob")
+    body = tune_rayjob(OWNER, plan.stage("tune"), parsed, 3)
+    body["metadata"]["creationTimestamp"] = "2026-03-01T12:00:00Z"
+    body["spec"].update(spec)
+    body["status"] = status
+    seen = observe_child(body)
+    assert seen is not None
+    assert (seen.kind, seen.stage, seen.attempt, seen.owner_uid) == ("RayJob", "tune", 3, "uid-1")
+    assert seen.phase == phase
+    if status.get("reason"):
+        assert "DeadlineExceeded" in seen.message
+
+
+def test_operator_stopping_a_rayjob_suspends_it() -> None:
+    assert stop_patch("RayJob", "ProgressDeadlineExceeded") == {
+        "metadata": {"annotations": {ANNOTATION_STOPPED: "ProgressDeadlineExceeded"}},
+        "spec": {"suspend": True},
+    }
+
+
+def test_operator_dashboard_service_name_fits_a_dns_label() -> None:
+    long = "a" * 63
+    name = dashboard_service_name(long)
+    assert len(name) <= 63 and name.endswith("-tune-dashboard")
+    assert name != dashboard_service_name("a" * 62)
