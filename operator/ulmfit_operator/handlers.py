@@ -499,8 +499,7 @@ class StoreReader:
 
     def final(self, s3: S3Settings, run: str, stage: str) -> FinalCheckpoint | None:
         self.metrics.store_reads.labels("checkpoint").inc()
-        found = CheckpointStore(self._store(s3), run).committed(stage)
-        final = next((c for c in reversed(found) if c.final), None)
+        final = CheckpointStore(self._store(s3), run).final(stage)
         if final is None:
             return None
         return final_checkpoint(final.uri, final.created_at, final.meta)

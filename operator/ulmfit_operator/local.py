@@ -187,8 +187,8 @@ class LocalRunner:
             return {}
 
     def _finished(self, stage: PlannedStage) -> StageOutcome | None:
-        latest = self.checkpoints.latest(stage.name)
-        if latest is None or not latest.final:
+        latest = self.checkpoints.final(stage.name)
+        if latest is None:
             return None
         best = latest.meta.get("bestParams")
         return StageOutcome(

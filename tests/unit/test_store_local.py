@@ -290,6 +290,17 @@ class TestStoreContract:
         assert loaded.meta == {"v": 2}
         assert tree(tmp_path / "out") == tree(second)
 
+    def test_final_is_found_whatever_its_tag_sorts_after(
+        self, checkpoints: CheckpointStore, tmp_path: Path
+    ) -> None:
+        files = make_checkpoint_dir(tmp_path / "c", seed=5, sizes={"w": 10})
+        assert checkpoints.final("classifier") is None
+        checkpoints.save("classifier", "final", files, {"step": 7}, final=True)
+        checkpoints.save("classifier", "phase-02", files, {"step": 7})
+        assert checkpoints.latest("classifier").tag == "phase-02"  # (step, tag) order
+        final = checkpoints.final("classifier")
+        assert final is not None and final.tag == "final" and final.final
+
     def test_ranks_upload_their_own_files_and_one_commits_them_all(
         self, checkpoints: CheckpointStore, store: Store, tmp_path: Path
     ) -> None:

@@ -29,11 +29,8 @@ from ulmfit_trainer.config import DeepSpeedSpec, Precision, StageConfig
 from ulmfit_trainer.models import LayerGroup
 from ulmfit_trainer.schedules import stlr
 from ulmfit_trainer.store import (
-    FORMAT_VERSION,
-    META_FILE,
     Checkpoint,
     CheckpointStore,
-    FileEntry,
     open_store,
 )
 
@@ -317,13 +314,13 @@ class Engine:
         then rank 0 commits meta.json listing all of them (nodes need not share a disk)."""
         with tempfile.TemporaryDirectory(prefix="ulmfit-ckpt-") as tmp:
             self.ds.save_checkpoint(tmp, tag="state", save_latest=False)
-            mine = upload_rank_files(checkpoints, stage, tag, Path(tmp) / "state")
+            mine = checkpoints.upload(stage, tag, Path(tmp) / "state")
         everyone = self.dist.gather(mine)
         checkpoint = None
         if self.dist.is_main:
             files = sorted({e for entries in everyone for e in entries}, key=lambda e: e.path)
             meta = {**meta, "worldSize": self.dist.world, "zeroStage": self.spec.zero_stage}
-            checkpoint = commit_checkpoint(checkpoints, stage, tag, files, meta)
+            checkpoint = checkpoints.commit(stage, tag, files, meta)
         self.dist.barrier()
         return checkpoint
 
@@ -361,52 +358,6 @@ class Engine:
             )
         self.fast_forward(checkpoint.step)
         return checkpoint
-
-
-# --------------------------------------------------------------------------- store shim
-# STORE SHIM: CheckpointStore.save() uploads one local directory and commits it in one call, and
-# deletes any object under the tag that its own directory does not list - so it cannot commit
-# files that other ranks (on other nodes) uploaded. Until the store offers an upload/commit split
-# (asked for: `CheckpointStore.upload(stage, tag, local_dir, prefix="") -> list[FileEntry]` and
-# `CheckpointStore.commit(stage, tag, files, meta, final=False, *, step=None, phase=None)
-# -> Checkpoint`), these two functions do it with the store's own record format.
-
-
-def upload_rank_files(
-    checkpoints: CheckpointStore, stage: str, tag: str, local_dir: Path
-) -> list[FileEntry]:
-    base = checkpoints._tag_key(stage, tag)
-    entries = []
-    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(local_dir).as_posix()
-        info = checkpoints.store.put_file(f"{base}/{rel}", path)
-        entries.append(FileEntry(rel, info.size, info.sha256 or ""))
-    return entries
-
-
-def commit_checkpoint(
-    checkpoints: CheckpointStore,
-    stage: str,
-    tag: str,
-    files: list[FileEntry],
-    meta: dict[str, Any],
-    final: bool = False,
-) -> Checkpoint:
-    base = checkpoints._tag_key(stage, tag)
-    record = {
-        "formatVersion": FORMAT_VERSION,
-        "stage": stage,
-        "tag": tag,
-        "step": int(meta.get("step", 0)),
-        "phase": meta.get("phase"),
-        "final": final,
-        "createdAt": _now_iso(),
-        "meta": meta,
-        "files": [{"path": e.path, "size": e.size, "sha256": e.sha256} for e in files],
-    }
-    data = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
-    checkpoints.store.put_bytes(f"{base}/{META_FILE}", data)
-    return next(c for c in checkpoints.committed(stage) if c.tag == tag)
 
 
 # --------------------------------------------------------------------------- progress
@@ -487,10 +438,7 @@ def open_checkpoints(config: StageConfig) -> CheckpointStore:
 
 
 def final_checkpoint(checkpoints: CheckpointStore, stage: str) -> Checkpoint | None:
-    for checkpoint in reversed(checkpoints.committed(stage)):
-        if checkpoint.final:
-            return checkpoint
-    return None
+    return checkpoints.final(stage)
 
 
 def seed_everything(seed: int) -> None:

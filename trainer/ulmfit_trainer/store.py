@@ -1217,6 +1217,15 @@ class CheckpointStore:
         found = self.committed(stage)
         return found[-1] if found else None
 
+    def final(self, stage: str) -> Checkpoint | None:
+        """The stage's newest final checkpoint: the stage is finished once it exists.
+
+        Not `latest(...).final`: a final saved at the same step as a phase checkpoint may sort
+        before it by tag.
+        """
+        finals = [checkpoint for checkpoint in self.committed(stage) if checkpoint.final]
+        return finals[-1] if finals else None
+
     # -- load
 
     def load(self, stage: str, local_dir: str | Path, tag: str | None = None) -> Checkpoint:
