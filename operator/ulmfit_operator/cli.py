@@ -144,6 +144,111 @@ def operator(
     )
 
 
+def predict_command(
+    model: str,
+    texts: list[str],
+    *,
+    file: Path | None = None,
+    explain: bool = False,
+    top_k: int = 5,
+    labels: str | None = None,
+    verbalizers: list[str] | None = None,
+    prompt: str | None = None,
+    tokenizer: Path | None = None,
+    s3_endpoint: str | None = None,
+    highlight: str = "auto",
+) -> list[str]:
+    """The trainer's command line for `ulmfit predict` (torch lives in the trainer process)."""
+    command = [sys.executable, "-m", "ulmfit_trainer", "predict", model, *texts]
+    command += ["--top-k", str(top_k), "--highlight", highlight]
+    if file is not None:
+        command += ["--file", str(file)]
+    if explain:
+        command.append("--explain")
+    if labels:
+        command += ["--labels", labels]
+    for verbalizer in verbalizers or []:
+        command += ["--verbalizer", verbalizer]
+    if prompt is not None:
+        command += ["--prompt", prompt]
+    if tokenizer is not None:
+        command += ["--tokenizer", str(tokenizer)]
+    if s3_endpoint:
+        command += ["--s3-endpoint", s3_endpoint]
+    return command
+
+
+@app.command()
+def predict(
+    model: Annotated[
+        str, typer.Argument(help="Exported model: <run>/model/ directory or an s3:// URI.")
+    ],
+    texts: Annotated[
+        list[str] | None,
+        typer.Argument(help="Texts to classify; '-' or none reads stdin, one per line."),
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Read texts from FILE, one per line.")
+    ] = None,
+    explain: Annotated[
+        bool, typer.Option(help="Add the attention head's top tokens (highlighted on a terminal).")
+    ] = False,
+    top_k: Annotated[int, typer.Option(min=1, help="Tokens per explanation.")] = 5,
+    labels: Annotated[
+        str | None,
+        typer.Option(help="Zero-shot with a bare causal LM directory: comma-separated labels."),
+    ] = None,
+    verbalizer: Annotated[
+        list[str] | None,
+        typer.Option(help="Zero-shot: LABEL=TEXT, the words that stand for LABEL (repeatable)."),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Zero-shot: text between the document and a label.")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer directory (default: the model's or the run's).")
+    ] = None,
+    s3_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            envvar="AWS_ENDPOINT_URL",
+            help="S3 endpoint for an s3:// model; credentials from AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY.",
+        ),
+    ] = None,
+) -> None:
+    """Classify texts with an exported model: one JSON line per text on stdout (label,
+    probabilities and, with --explain, the top tokens)."""
+    import subprocess
+
+    highlight = "always" if explain and errors.is_terminal else "never"
+    command = predict_command(
+        model, list(texts or []), file=file, explain=explain, top_k=top_k, labels=labels,
+        verbalizers=verbalizer, prompt=prompt, tokenizer=tokenizer, s3_endpoint=s3_endpoint,
+        highlight=highlight,
+    )  # fmt: skip
+    reads_stdin = (not texts and file is None) or "-" in (texts or [])
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE if reads_stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if reads_stdin:
+        assert process.stdin is not None
+        # Pass stdin on (sys.stdin may not be a real file, e.g. under a test runner).
+        for line in sys.stdin:
+            process.stdin.write(line)
+        process.stdin.close()
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    code = process.wait()
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -64,3 +66,29 @@ def test_readme_reference_matches_the_api_models() -> None:
     )
     assert "| `spec.stages.pretrain.enabled` | boolean | `false` |" in embedded
     assert "| `spec.stages.finetune.enabled` | boolean | `true` |" in embedded
+
+
+def test_predict_hands_its_options_to_the_trainer(tmp_path: Path) -> None:
+    from ulmfit_operator.cli import predict_command
+
+    command = predict_command(
+        "s3://bucket/run/model", ["a text"], file=tmp_path / "t.txt", explain=True, top_k=3,
+        labels="a,b", verbalizers=["a=alpha"], s3_endpoint="http://127.0.0.1:9000",
+    )  # fmt: skip
+    assert command[:4] == [sys.executable, "-m", "ulmfit_trainer", "predict"]
+    assert command[4:6] == ["s3://bucket/run/model", "a text"]
+    options = " ".join(command[6:])
+    for expected in ("--top-k 3", f"--file {tmp_path / 't.txt'}", "--explain", "--labels a,b",
+                     "--verbalizer a=alpha", "--s3-endpoint http://127.0.0.1:9000"):  # fmt: skip
+        assert expected in options
+
+
+def test_predict_on_a_missing_model_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["predict", str(tmp_path / "nope"), "some text"])
+    assert result.exit_code == EXIT_INVALID_SPEC
+    done = subprocess.run(
+        [sys.executable, "-m", "ulmfit_trainer", "predict", str(tmp_path / "nope"), "x"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "not a model directory" in done.stderr
+    assert "torch" not in done.stderr  # rejected before any heavy import

@@ -1,5 +1,8 @@
 """``python -m ulmfit_trainer STAGE --config FILE``: the entry point of a training pod.
 
+``python -m ulmfit_trainer predict MODEL [TEXT ...]`` classifies texts with an exported model
+(see ``ulmfit_trainer.predict``).
+
 Exit status: 0 when the stage finished (or had already finished), 1 when it failed, 2 for a bad
 command line or config. A stage whose final checkpoint is already committed prints its stored
 metrics and exits before torch is even imported, so rerunning a finished stage costs nothing.
@@ -23,6 +26,11 @@ log = logging.getLogger("ulmfit_trainer")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        from ulmfit_trainer.predict import main as predict
+
+        return predict(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m ulmfit_trainer", description=__doc__)
     parser.add_argument("stage", choices=[s.value for s in StageName], help="the stage to run")
     parser.add_argument("--config", required=True, help="StageConfig JSON file")

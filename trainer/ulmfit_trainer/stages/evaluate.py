@@ -1,6 +1,7 @@
 """Evaluation on the test split and the model export (ULMFiT's last step).
 
-Loads the classifier's final checkpoint, predicts the test split (each rank a share), and reports
+Loads the classifier's final checkpoint (any head; multi-label predictions use the thresholds
+tuned on validation), predicts the test split (each rank a share), and reports
 accuracy, macro-F1, a per-class report, the confusion matrix, the majority-class baseline and the
 expected calibration error. The model goes to ``<run>/model/`` in plain transformers layout
 (``AutoModel`` / ``AutoTokenizer.from_pretrained`` load it; id2label in its config) with the head
@@ -16,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from ulmfit_trainer.config import LossKind, StageConfig, StageName
+from ulmfit_trainer.config import HeadKind, LossKind, StageConfig, StageName
 from ulmfit_trainer.data import encode_classification, eval_shard, pad_batch
 from ulmfit_trainer.engine import Progress, final_checkpoint
 from ulmfit_trainer.errors import PermanentError
@@ -51,9 +52,15 @@ def run(config: StageConfig) -> dict[str, float]:
             f"the classifier was trained on labels {settings.labels}, the dataset has "
             f"{dataset.labels}"
         )
+    # Hierarchical heads read whole documents (in windows); the others the first maxLength tokens.
+    tokens = (
+        settings.max_document_tokens
+        if settings.kind == HeadKind.HIERARCHICAL
+        else config.data.max_length
+    )
     test = encode_classification(
         tokenizer, dataset.texts("test"), dataset.targets("test"), settings.labels,
-        settings.multi_label, config.data.max_length,
+        settings.multi_label, tokens,
     )  # fmt: skip
 
     # Each rank predicts a share; rank 0 gathers (index, probabilities) and scores.
@@ -75,7 +82,10 @@ def run(config: StageConfig) -> dict[str, float]:
         ordered = sorted((pair for part in gathered for pair in part), key=lambda p: p[0])
         probs_all = torch.tensor([p for _, p in ordered])
         train = dataset.targets("train") if dataset.has("train") else []
-        report = score(probs_all, test.targets, settings.labels, settings.multi_label, train)
+        report = score(
+            probs_all, test.targets, settings.labels, settings.multi_label, train,
+            thresholds=settings.decision_thresholds(),
+        )  # fmt: skip
         metrics = report["summary"]
         model_uri = export(ctx, model_dir)
         report["modelUri"] = model_uri
@@ -113,10 +123,13 @@ def score(
     labels: list[str],
     multi_label: bool,
     train_targets: list,
+    thresholds: list[float] | None = None,
 ) -> dict:
-    """The full report; ``summary`` holds the flat numbers a stage returns."""
+    """The full report; ``summary`` holds the flat numbers a stage returns. Multi-label
+    predictions are the labels whose probability reaches its threshold (default 0.5)."""
     if multi_label:
-        return _score_multi_label(probs, targets, labels, train_targets)
+        cuts = thresholds or [0.5] * len(labels)
+        return _score_multi_label(probs, targets, labels, train_targets, cuts)
     n_labels = len(labels)
     predicted = probs.argmax(-1)
     confusion = torch.zeros((n_labels, n_labels), dtype=torch.long)
@@ -161,8 +174,8 @@ def _per_class(confusion: torch.Tensor, labels: list[str]) -> dict[str, dict[str
     return out
 
 
-def _score_multi_label(probs, targets, labels, train_targets) -> dict:
-    predicted = (probs > 0.5).float()
+def _score_multi_label(probs, targets, labels, train_targets, thresholds) -> dict:
+    predicted = (probs >= torch.tensor(thresholds, dtype=probs.dtype)).float()
     per_class = {}
     for i, label in enumerate(labels):
         tp = float((predicted[:, i] * targets[:, i]).sum())
@@ -198,6 +211,7 @@ def _score_multi_label(probs, targets, labels, train_targets) -> dict:
         "labels": labels,
         "perClass": per_class,
         "majorityBaseline": {"labels": majority, "accuracy": majority_accuracy},
+        "thresholds": dict(zip(labels, thresholds, strict=True)),
     }
 
 
