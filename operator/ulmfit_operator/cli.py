@@ -95,15 +95,20 @@ def validate(job_file: JobFile) -> None:
 
 @app.command()
 def plan(job_file: JobFile) -> None:
-    """Show the stages the job will run, in order, and what each starts from."""
+    """Show the stages the job will run, in order, what each starts from and waits for."""
     from ulmfit_operator.plan import make_plan
 
     job = _load(job_file)
     planned = make_plan(job, store_root="<store>")
+    width = max(len(name) for name in planned.names)
     for index, stage in enumerate(planned.stages, 1):
-        origin = stage.depends_on or job.spec.model.pretrained or "random initialization"
+        origin = stage.init_from or job.spec.model.pretrained or "random initialization"
         where = "distributed" if stage.distributed else "single process"
-        console.print(f"{index}. {stage.name:<11} starts from {origin}  ({where})")
+        after = f", after {', '.join(stage.depends_on)}" if stage.depends_on else ""
+        console.print(
+            f"{index}. {stage.name:<{width}} starts from {origin}  ({where}{after})",
+            highlight=False,
+        )
 
 
 @app.command()

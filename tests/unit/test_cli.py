@@ -58,6 +58,15 @@ def test_plan_lists_the_stages_in_order() -> None:
     assert order == sorted(order)
 
 
+def test_plan_shows_what_each_stage_waits_for() -> None:
+    result = runner.invoke(app, ["plan", str(ROOT / "examples" / "ulmfitjob-cotrain.yaml")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the console may wrap long lines
+    assert "3. cotrain-first starts from finetune (distributed, after finetune)" in text
+    assert "4. cotrain-second starts from finetune (distributed, after finetune)" in text
+    assert "(distributed, after cotrain-first, cotrain-second)" in text
+
+
 def test_readme_reference_matches_the_api_models() -> None:
     readme = (ROOT / "README.md").read_text()
     embedded = readme.split(START_MARKER, 1)[1].split(END_MARKER, 1)[0].strip()
