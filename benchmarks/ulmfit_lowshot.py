@@ -32,7 +32,14 @@ FULL_TRAIN_EXAMPLES = 3161
 MAX_EPOCH_SCALE = 20.0
 
 
-def variant(base: dict, name: str, labels: int, pretrained_lm: bool, unlabeled: int | None) -> dict:
+def variant(
+    base: dict,
+    name: str,
+    labels: int,
+    pretrained_lm: bool,
+    unlabeled: int | None,
+    pretrain_epochs: float | None,
+) -> dict:
     job = copy.deepcopy(base)
     job["metadata"] = {"name": name}
     spec = job["spec"]
@@ -40,6 +47,8 @@ def variant(base: dict, name: str, labels: int, pretrained_lm: bool, unlabeled: 
     if unlabeled is not None:
         spec["data"]["maxUnlabeledExamples"] = unlabeled
     stages = spec.setdefault("stages", {})
+    if pretrain_epochs is not None:
+        stages.setdefault("pretrain", {})["epochs"] = pretrain_epochs
     classifier = stages.setdefault("classifier", {})
     scale = min(MAX_EPOCH_SCALE, FULL_TRAIN_EXAMPLES / labels)
     for field, default in (("epochsPerPhase", 1.0), ("finalEpochs", 2.0)):
@@ -75,6 +84,10 @@ def main() -> None:
         "--unlabeled", type=int, default=None,
         help="unlabeled texts for LM pretraining (default: the example's maxUnlabeledExamples)",
     )  # fmt: skip
+    parser.add_argument(
+        "--pretrain-epochs", type=float, default=None,
+        help="LM pretraining epochs (default: the example's)",
+    )  # fmt: skip
     args = parser.parse_args()
     base = yaml.safe_load(EXAMPLE.read_text())
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ulmfit-lowshot-"))
@@ -82,13 +95,13 @@ def main() -> None:
 
     runs = {
         f"ulmfit-{args.labels}": variant(
-            base, f"ulmfit-{args.labels}", args.labels, True, args.unlabeled
+            base, f"ulmfit-{args.labels}", args.labels, True, args.unlabeled, args.pretrain_epochs
         ),
         f"scratch-{args.labels}": variant(
-            base, f"scratch-{args.labels}", args.labels, False, args.unlabeled
+            base, f"scratch-{args.labels}", args.labels, False, args.unlabeled, None
         ),
         f"scratch-{args.labels * 10}": variant(
-            base, f"scratch-{args.labels * 10}", args.labels * 10, False, args.unlabeled
+            base, f"scratch-{args.labels * 10}", args.labels * 10, False, args.unlabeled, None
         ),
     }
     errors = {}
