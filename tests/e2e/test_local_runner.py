@@ -36,7 +36,8 @@ QUICK_JOB = {
         "tokenizer": {"vocabSize": 1000},
         "stages": {
             "pretrain": {"maxSteps": 12, "batchSize": 8, "checkpointEvery": 4},
-            "finetune": {"maxSteps": 30, "batchSize": 8, "checkpointEvery": 3},
+            # Long enough that the interrupt below lands inside it even on a loaded machine.
+            "finetune": {"maxSteps": 45, "batchSize": 8, "checkpointEvery": 3},
             "classifier": {
                 "unfreezePhases": 2,
                 "epochsPerPhase": 0.5,
@@ -84,14 +85,15 @@ def test_interrupted_run_resumes_and_finished_stages_are_reused(tmp_path: Path) 
     while not [c for c in checkpoints.committed("finetune") if not c.final]:
         assert process.poll() is None, process.stdout.read() if process.stdout else ""
         assert time.monotonic() < deadline, "no finetune checkpoint was committed in time"
-        time.sleep(0.5)
+        time.sleep(0.1)
+    assert checkpoints.final("finetune") is None, "finetune finished before the interrupt"
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     assert "run the same command again to resume" in " ".join(output.split())
     interrupted_at = max(c.step for c in checkpoints.committed("finetune"))
     assert interrupted_at >= 3
-    assert checkpoints.latest("pretrain").final
+    assert checkpoints.final("pretrain") is not None
 
     rerun = ulmfit("run", str(job), "--workdir", str(workdir))
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -103,8 +105,8 @@ def test_interrupted_run_resumes_and_finished_stages_are_reused(tmp_path: Path) 
         "classifier": "succeeded",
         "evaluate": "succeeded",
     }
-    finetune = checkpoints.latest("finetune")
-    assert finetune.final
+    finetune = checkpoints.final("finetune")
+    assert finetune is not None
     assert finetune.meta["resumedFromStep"] >= interrupted_at  # not from zero
     assert 0.0 <= result["test"]["accuracy"] <= 1.0
     assert result["majorityBaseline"] > 0

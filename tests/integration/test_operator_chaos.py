@@ -109,7 +109,8 @@ def test_operator_sigkilled_at_random_points_loses_and_doubles_nothing(
     names = [f"job-{index:02d}" for index in range(20)]
     for name in names:
         create_job(admin, ns, name, job_spec(s3_server, s3_bucket))
-    player = Player(admin, trainer, ns, pace=0.4)
+    # 60 children at one a second: the run outlasts several of the kills' random intervals.
+    player = Player(admin, trainer, ns, pace=1.0)
     player.start()
     kills = 0
     deadline = time.monotonic() + 900
