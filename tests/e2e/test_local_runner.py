@@ -66,6 +66,10 @@ def ulmfit(*args: str, env: dict[str, str] | None = None, timeout: float = 900):
     )
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_interrupted_run_resumes_and_finished_stages_are_reused(tmp_path: Path) -> None:
@@ -80,6 +84,8 @@ def test_interrupted_run_resumes_and_finished_stages_are_reused(tmp_path: Path) 
         stderr=subprocess.STDOUT,
         text=True,
         cwd=ROOT,
+        # As from a terminal: a test run started in the background inherits SIGINT ignored.
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 900
     while not [c for c in checkpoints.committed("finetune") if not c.final]:
