@@ -563,17 +563,8 @@ class _Context:
                     if last.phase == ChildPhase.SUCCEEDED
                     else "failed"
                 )
-                return self.fail(
-                    status,
-                    plan,
-                    spec,
-                    done,
-                    runs,
-                    {name},
-                    "BackoffLimitExceeded",
-                    f"stage {name} failed {len(run.failed)} times (backoffLimit "
-                    f"{policy.backoff_limit}); last attempt {last.name}: {detail}",
-                    events,
+                return self.backoff_exceeded(
+                    status, plan, spec, done, runs, name, last.name, detail, events
                 )
 
         # 8. progress watchdog, per stage
@@ -613,20 +604,10 @@ class _Context:
             run.failed = [*run.failed, running]
             run.stopped_now = True
             if len(run.failed) > policy.backoff_limit:
-                return self.fail(
-                    status,
-                    plan,
-                    spec,
-                    done,
-                    runs,
-                    {name},
-                    "BackoffLimitExceeded",
-                    f"stage {name} failed {len(run.failed)} times (backoffLimit "
-                    f"{policy.backoff_limit}); last attempt {running.name}: "
-                    f"no progress for {int(stale_for)}s",
-                    events,
-                    actions,
-                )
+                return self.backoff_exceeded(
+                    status, plan, spec, done, runs, name, running.name,
+                    f"no progress for {int(stale_for)}s", events, actions,
+                )  # fmt: skip
 
         # 9. exactly one child per ready stage
         for stage in ready:
@@ -723,6 +704,28 @@ class _Context:
             requeue_after=min(requeue) if requeue else None,
             state="Running",
             completed=completed,
+        )
+
+    def backoff_exceeded(
+        self,
+        status: ULMFiTJobStatus,
+        plan: Plan,
+        spec: ULMFiTJobSpec,
+        done: Mapping[str, FinalCheckpoint],
+        runs: Mapping[str, _StageRun],
+        name: str,
+        attempt: str,
+        detail: str,
+        events: Sequence[Event],
+        actions: Sequence[Action] = (),
+    ) -> Decision:
+        """Fail the job: stage `name` used up `backoffLimit`; `attempt` failed last (`detail`)."""
+        message = (
+            f"stage {name} failed {len(runs[name].failed)} times (backoffLimit "
+            f"{spec.run_policy.backoff_limit}); last attempt {attempt}: {detail}"
+        )
+        return self.fail(
+            status, plan, spec, done, runs, {name}, "BackoffLimitExceeded", message, events, actions
         )
 
     def fail(
