@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the real control plane the integration tests start: kube-apiserver and etcd, compiled from
-# the Go modules pinned in go.mod next to this script.
+# Build the real Kubernetes the tests start, compiled from the Go modules pinned in go.mod next to
+# this script: etcd, kube-apiserver, and for the one-node cluster kube-controller-manager,
+# kube-scheduler, kube-proxy and kubelet.
 #
 #   bash tests/controlplane/build.sh        # prints the directory holding the binaries, last line
 #
@@ -27,7 +28,14 @@ etcd_version="$(module_version go.etcd.io/etcd/server/v3)"
 
 cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/ulmfit-operator/controlplane"
 out="$cache_root/$k8s_version-$etcd_version"
-if [[ -x $out/kube-apiserver && -x $out/etcd ]]; then
+components=(kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet)
+all_built() {
+	local name
+	for name in etcd "${components[@]}"; do
+		[[ -x $1/$name ]] || return 1
+	done
+}
+if all_built "$out"; then
 	echo "$out"
 	exit 0
 fi
@@ -93,16 +101,18 @@ k8s_ldflags="-s -w -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=$major -X $p
 k8s_ldflags+=" -X $pkg.gitCommit= -X $pkg.gitTreeState=clean -X $pkg.buildDate=$release_time"
 
 export CGO_ENABLED=0
-log "building kube-apiserver $k8s_version and etcd $etcd_version with $("$GO" env GOVERSION)"
-"$GO" build -trimpath -ldflags "$k8s_ldflags" -o "$work/kube-apiserver" \
-	k8s.io/kubernetes/cmd/kube-apiserver
+log "building ${components[*]} $k8s_version and etcd $etcd_version with $("$GO" env GOVERSION)"
+# One `go build` for all of them: the packages they share compile once.
+packages=()
+for name in "${components[@]}"; do packages+=("k8s.io/kubernetes/cmd/$name"); done
+"$GO" build -trimpath -ldflags "$k8s_ldflags" -o "$work/" "${packages[@]}"
 "$GO" build -trimpath -ldflags "-s -w" -o "$work/etcd" ./etcd
 "$work/etcd" --version >&2
-"$work/kube-apiserver" --version >&2
+for name in "${components[@]}"; do "$work/$name" --version >&2; done
 
-# Publish atomically: a reader sees both binaries or neither.
+# Publish atomically: a reader sees every binary or none.
 rm -rf "$out"
-mv "$work" "$out" 2>/dev/null || [[ -x $out/kube-apiserver && -x $out/etcd ]]
+mv "$work" "$out" 2>/dev/null || all_built "$out"
 chmod 755 "$out"
 trap - EXIT
 log "built in $((SECONDS - start))s"
