@@ -8,6 +8,7 @@ disk between nodes is assumed), and the progress that rank 0 reports to the stor
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -119,8 +120,9 @@ def _limit_shm_comm() -> None:
     policy = os.environ.get(SHM_POLICY_ENV, "auto").lower()
     if policy == "on" or (policy == "auto" and _shm_op_built()):
         return
-    import deepspeed.comm.torch as ds_torch
-
+    # `import deepspeed.comm.torch as ...` would bind the `torch` attribute that package sets on
+    # `deepspeed.comm` (plain torch), and the patch below would miss DeepSpeed's module.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
 
 
