@@ -10,6 +10,23 @@
 #
 # Layer order keeps rebuilds cheap: the dependencies named in pyproject.toml are installed in a
 # layer that depends on pyproject.toml alone, so editing the source reinstalls only the project.
+#
+# pip reads two optional build secrets, mounted for its commands only and kept out of every layer:
+# `pip.conf` (becomes /etc/pip.conf: an index mirror, timeouts) and `pip-ca.crt` (a CA bundle that
+# pip.conf can name as `cert = /run/secrets/pip-ca.crt`), e.g.
+#
+#   docker build --secret id=pip.conf,src=pip.conf --secret id=pip-ca.crt,src=ca.crt ...
+
+# Base images are pinned by release tag; pin them by digest too (a tag of the form
+# `3.12.10-slim-bookworm@sha256:...`) where your registry policy asks for it. The build args
+# replace them where those images cannot be pulled: the test cluster builds both targets on a
+# Debian image that it makes itself (tests/cluster/images.py), with TRAINER_PYTHON naming that
+# image's Python packages.
+ARG PYTHON_IMAGE=python
+ARG PYTHON_TAG=3.12.10-slim-bookworm
+ARG TRAINER_IMAGE=nvidia/cuda
+ARG TRAINER_TAG=12.8.1-cudnn-runtime-ubuntu24.04
+ARG TRAINER_PYTHON=python3.12
 
 # Prints the requirements of the core package plus the extras named in $EXTRAS (comma-separated),
 # read from pyproject.toml, so dependencies install before the source is copied.
@@ -17,9 +34,7 @@ ARG READ_REQUIREMENTS="import os, tomllib; p = tomllib.load(open('pyproject.toml
 
 # ----------------------------------------------------------------------------- operator
 
-# Base images are pinned by release tag; pin them by digest too (`image:tag@sha256:...`) where
-# your registry policy asks for it.
-FROM python:3.12.10-slim-bookworm AS python-base
+FROM ${PYTHON_IMAGE}:${PYTHON_TAG} AS python-base
 
 FROM python-base AS operator-build
 ARG READ_REQUIREMENTS
@@ -30,7 +45,8 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml ./
-RUN python -c "$READ_REQUIREMENTS" > /tmp/requirements.txt \
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
+    python -c "$READ_REQUIREMENTS" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY README.md ./
 COPY operator ./operator
@@ -38,7 +54,8 @@ COPY trainer ./trainer
 # The project itself, from the copied source: there is no version to pin (its dependencies
 # are already installed, from pyproject.toml, in the layer above).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[operator]"
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
+    pip install --no-cache-dir ".[operator]"
 
 FROM python-base AS operator
 LABEL org.opencontainers.image.title="ulmfit-operator" \
@@ -60,31 +77,39 @@ ENTRYPOINT ["ulmfit", "operator"]
 
 # ------------------------------------------------------------------------------ trainer
 
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS trainer-base
+FROM ${TRAINER_IMAGE}:${TRAINER_TAG} AS trainer-base
+ARG TRAINER_PYTHON
 ENV DEBIAN_FRONTEND=noninteractive
 # Ubuntu's security updates replace package versions in place, so exact pins would break the
-# build within weeks; the base image tag pins the distribution release instead.
+# build within weeks; the base image tag pins the distribution release instead. wget: KubeRay's
+# health probes of Ray pods (sweeps with `backend: rayjob`) run it.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv ca-certificates \
+    && apt-get install -y --no-install-recommends \
+        "$TRAINER_PYTHON" "$TRAINER_PYTHON-venv" ca-certificates wget \
     && rm -rf /var/lib/apt/lists/*
 
 FROM trainer-base AS trainer-build
 ARG READ_REQUIREMENTS
+ARG TRAINER_PYTHON
 # torch from the PyTorch index for the CUDA release of the base image (the PyPI wheel targets a
-# newer CUDA than some drivers support).
+# newer CUDA than some drivers support). Empty: pip's own configured index.
 ARG TORCH_VERSION=2.7.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     EXTRAS=trainer \
     DS_BUILD_OPS=0
-RUN python3.12 -m venv /opt/venv
+RUN "$TRAINER_PYTHON" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
+# torch is pinned (TORCH_VERSION); hadolint misreads the optional index flag before it.
+# hadolint ignore=DL3013
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
+    pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
 COPY pyproject.toml ./
-RUN python -c "$READ_REQUIREMENTS" > /tmp/requirements.txt \
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
+    python -c "$READ_REQUIREMENTS" > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt
 COPY README.md ./
 COPY operator ./operator
@@ -92,7 +117,8 @@ COPY trainer ./trainer
 # The project itself, from the copied source: there is no version to pin (its dependencies
 # are already installed, from pyproject.toml, in the layer above).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[trainer]"
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
+    pip install --no-cache-dir ".[trainer]"
 
 FROM trainer-base AS trainer
 LABEL org.opencontainers.image.title="ulmfit-trainer" \
