@@ -1131,6 +1131,9 @@ async def _main(config: OperatorConfig) -> None:
     try:
         await kopf.operator(
             registry=build_registry(controller, config),
+            # Without one kopf asks getpass for a user name, which fails for an image's numeric
+            # non-root user that has no passwd entry (ours: 65532).
+            identity=identity,
             standalone=True,
             clusterwide=config.namespace is None,
             namespaces=[config.namespace] if config.namespace else (),
