@@ -1,5 +1,5 @@
 # The two commands of the README: `make example` and `make test`. Both set up what they need.
-.PHONY: env example controlplane lint test test-fast generate
+.PHONY: env example controlplane cluster-build cluster cluster-smoke lint test test-fast generate
 
 VENV := .venv/bin
 
@@ -12,15 +12,28 @@ example: env
 controlplane:
 	bash tests/controlplane/build.sh
 
+# The one-node test cluster (needs root): Debian's containerd/runc/CNI plugins, the Kubeflow
+# Training Operator, KubeRay and CoreDNS from Go modules, and the images, all cached.
+cluster-build: env controlplane
+	bash scripts/install-node-packages.sh
+	bash tests/cluster/controllers/build.sh >/dev/null
+	$(VENV)/python -m tests.cluster.images build
+
+cluster: cluster-build
+	$(VENV)/python -m tests.cluster up
+
+cluster-smoke: cluster-build
+	$(VENV)/python -m tests.cluster smoke
+
 lint: env
 	$(VENV)/ruff check operator trainer tests benchmarks scripts
 	$(VENV)/lint-imports
 	$(VENV)/mypy
 
-test: env controlplane lint
+test: env cluster-build lint
 	$(VENV)/python -m pytest
 
-test-fast: env controlplane
+test-fast: env cluster-build
 	$(VENV)/python -m pytest -m "not slow"
 
 # Regenerate everything derived from api.py: the CRD (also copied into the chart) and the README

@@ -46,6 +46,7 @@ from ulmfit_operator.handlers import Kube  # noqa: E402
 from ulmfit_operator.metrics import OperatorMetrics  # noqa: E402
 from ulmfit_trainer.store import CheckpointStore, S3Settings, open_store  # noqa: E402
 
+from tests.harness.crds import pytorchjob_crd  # noqa: E402
 from tests.harness.kube import (  # noqa: E402
     ControlPlane,
     apply_manifests,
@@ -457,7 +458,7 @@ def main() -> int:
                 load_manifests(
                     [
                         ROOT / "manifests" / "crd" / "ulmfit.io_ulmfitjobs.yaml",
-                        ROOT / "tests" / "harness" / "pytorchjob_crd.yaml",
+                        pytorchjob_crd(),
                     ]
                 ),
             )

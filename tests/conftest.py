@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.harness.kube", "tests.harness.s3", "tests.harness.tools"]
+pytest_plugins = [
+    "tests.harness.kube",
+    "tests.harness.s3",
+    "tests.harness.tools",
+    "tests.harness.cluster",
+]

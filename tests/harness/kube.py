@@ -101,10 +101,13 @@ def _die_with_parent() -> None:
 class ServerProcess:
     """One server binary in its own process group, its output in a log file."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = dict(env) if env is not None else None
         self._popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -117,6 +120,7 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env} if self.env is not None else None,
             start_new_session=True,  # its own process group: stop() reaches every child
             preexec_fn=_die_with_parent,
         )
@@ -224,6 +228,9 @@ class ControlPlane:
     binaries: Path
     workdir: Path
     kubernetes_version: str = field(default_factory=lambda: pinned_versions()[0])
+    # The address kube-apiserver binds and advertises; a node cluster puts it on its bridge so
+    # that pods reach it too.
+    host: str = "127.0.0.1"
     etcd: ServerProcess | None = None
     apiserver: ServerProcess | None = None
     server: str = ""
@@ -245,7 +252,7 @@ class ControlPlane:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
-            ips=["127.0.0.1", "10.0.0.1"],  # loopback and the `kubernetes` Service's ClusterIP
+            ips=sorted({"127.0.0.1", self.host, self.service_ip}),  # and the Service's ClusterIP
         ).write(pki, "apiserver")
         self._admin = self._ca.issue_client("ulmfit-test-admin", groups=["system:masters"])
         self._admin_cert, self._admin_key = self._admin.write(pki, "admin")
@@ -262,11 +269,22 @@ class ControlPlane:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    @property
+    def service_ip(self) -> str:
+        """The ClusterIP of the `kubernetes` Service: the first address of the Service range."""
+        import ipaddress
+
+        return str(ipaddress.ip_network(self.service_cluster_ip_range)[1])
+
+    @property
+    def service_cluster_ip_range(self) -> str:
+        return SERVICE_CLUSTER_IP_RANGE
+
     def start(self) -> None:
         try:
             self._start_etcd()
-            self._secure_port = free_port()
-            self.server = f"https://127.0.0.1:{self._secure_port}"
+            self._secure_port = free_port(self.host)
+            self.server = f"https://{self.host}:{self._secure_port}"
             self._start_apiserver()
         except BaseException:
             self.stop()
@@ -330,8 +348,8 @@ class ControlPlane:
         return [
             str(self.binaries / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{self._etcd_port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.host}",
+            f"--advertise-address={self.host}",
             f"--secure-port={self._secure_port}",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
             f"--tls-cert-file={self._serving_cert}",
@@ -341,7 +359,7 @@ class ControlPlane:
             f"--service-account-key-file={self._sa_public}",
             f"--service-account-signing-key-file={self._sa_private}",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            f"--service-cluster-ip-range={self.service_cluster_ip_range}",
             "--allow-privileged=true",
             # The `kubernetes` Service's Endpoints may not hold a loopback address, and nothing
             # in a test dials the API server through that Service.

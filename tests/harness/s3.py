@@ -102,10 +102,14 @@ def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child
 
 
 class SeaweedS3:
-    """One `weed mini` server with S3 on 127.0.0.1 and its own data directory."""
+    """One `weed mini` server with S3 on 127.0.0.1 (or ``host``) and its own data directory.
 
-    def __init__(self, binary: str, data_dir: Path | None = None):
+    ``host`` is for servers that pods must reach: the test cluster's bridge address.
+    """
+
+    def __init__(self, binary: str, data_dir: Path | None = None, host: str = "127.0.0.1"):
         self.binary = binary
+        self.host = host
         self._own_dir = data_dir is None
         # A short path on purpose: unix sockets live in here (108-byte limit).
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="weed-"))
@@ -137,7 +141,7 @@ class SeaweedS3:
     @property
     def endpoint(self) -> str:
         """`host:port` of the S3 API."""
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -176,8 +180,8 @@ class SeaweedS3:
             self.binary,
             "mini",
             f"-dir={self.data_dir}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
             f"-s3.config={self._config_path}",
             f"-filer.localSocket={self.data_dir / 'filer.sock'}",
             f"-s3.localSocket={self.data_dir / 's3.sock'}",

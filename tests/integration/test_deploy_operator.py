@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.harness.crds import pytorchjob_crd
 from tests.harness.kube import (
     ControlPlane,
     apply_manifests,
@@ -40,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "ulmfit-operator"
 CRDS = [
     ROOT / "manifests" / "crd" / "ulmfit.io_ulmfitjobs.yaml",
-    ROOT / "tests" / "harness" / "pytorchjob_crd.yaml",
 ]
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 GROUP, VERSION, PLURAL = "ulmfit.io", "v1alpha1", "ulmfitjobs"
@@ -51,7 +51,7 @@ def crds(kube_cluster: ControlPlane) -> None:
     from kubernetes import client
 
     with kube_cluster.api_client() as api:
-        apply_manifests(api, load_manifests(CRDS))
+        apply_manifests(api, load_manifests([*CRDS, pytorchjob_crd()]))
         custom = client.CustomObjectsApi(api)
 
         def served() -> bool:

@@ -31,6 +31,7 @@ from ulmfit_operator.metrics import OperatorMetrics
 from ulmfit_operator.workloads import LABEL_JOB, ChildRef
 from ulmfit_trainer.store import CheckpointStore, S3Settings, open_store
 
+from tests.harness.crds import pytorchjob_crd
 from tests.harness.kube import (
     ControlPlane,
     apply_manifests,
@@ -43,7 +44,6 @@ from tests.harness.s3 import SeaweedS3
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILES = [
     REPO / "manifests" / "crd" / "ulmfit.io_ulmfitjobs.yaml",
-    REPO / "tests" / "harness" / "pytorchjob_crd.yaml",
 ]
 RBAC_DIR = REPO / "manifests" / "rbac"
 CLUSTER_RBAC = [
@@ -74,7 +74,7 @@ def _ensure_namespace(kube: Kube, name: str) -> None:
 def operator_crds(kube_cluster: ControlPlane) -> None:
     """Our CRD and the test PyTorchJob CRD, installed and served."""
     with kube_cluster.api_client() as api:
-        apply_manifests(api, load_manifests(CRD_FILES))
+        apply_manifests(api, load_manifests([*CRD_FILES, pytorchjob_crd()]))
         kube = Kube(api, OperatorMetrics())
 
         def served() -> bool:

@@ -16,7 +16,8 @@ from kubernetes.client.exceptions import ApiException
 from ulmfit_operator.handlers import Kube
 from ulmfit_trainer.config import StageConfig
 
-from tests.harness.kube import ControlPlane, apply_manifests
+from tests.harness.crds import ray_crds
+from tests.harness.kube import ControlPlane, apply_manifests, load_manifests
 from tests.harness.ports import wait_for
 from tests.harness.s3 import SeaweedS3
 from tests.integration.test_operator_harness import (  # noqa: F401 - fixtures
@@ -47,34 +48,10 @@ COTRAIN = {
     ],
     "minAgreement": 2,
 }
+
+
 # A minimal RayJob CRD: what the API server needs to serve ray.io/v1 RayJobs (KubeRay's own CRD
 # validates far more; the operator only creates, watches and patches them).
-RAYJOB_CRD = {
-    "apiVersion": "apiextensions.k8s.io/v1",
-    "kind": "CustomResourceDefinition",
-    "metadata": {"name": "rayjobs.ray.io"},
-    "spec": {
-        "group": "ray.io",
-        "names": {"kind": "RayJob", "listKind": "RayJobList", "plural": "rayjobs"},
-        "scope": "Namespaced",
-        "versions": [
-            {
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "schema": {
-                    "openAPIV3Schema": {
-                        "type": "object",
-                        "x-kubernetes-preserve-unknown-fields": True,
-                    }
-                },
-            }
-        ],
-    },
-}
-
-
 def config_of(admin: Kube, child: dict[str, Any]) -> StageConfig:
     meta = child["metadata"]
     config_map = admin.request(
@@ -237,9 +214,11 @@ def test_operator_tune_pod_with_dashboard_service_and_retries(
 
 @pytest.fixture
 def rayjob_crd(kube_cluster: ControlPlane, admin: Kube) -> Iterator[None]:
-    """The RayJob CRD, served for this test only (other tests expect a cluster without it)."""
+    """KubeRay's own RayJob CRD (with its full schema), served for this test only: other tests
+    expect a cluster without it. No KubeRay controller runs here; tests/e2e/test_cluster_jobs.py
+    runs the sweep under the real one."""
     with kube_cluster.api_client() as api:
-        apply_manifests(api, [RAYJOB_CRD])
+        apply_manifests(api, load_manifests(ray_crds()[:1]))
     wait_for(
         lambda: admin.request("GET", "/apis/ray.io/v1/rayjobs", query=[("limit", "1")]),
         60,

