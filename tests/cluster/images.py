@@ -649,14 +649,18 @@ def build_pause(store: Store) -> Image:
 
 # --- the Training Operator's init container -------------------------------------------------------
 
-# What the Training Operator's init container runs: `sh -c "... seq ... nslookup ... sleep"`.
-INIT_APPLETS = ("sh", "seq", "nslookup", "sleep", "echo")
+# What the test cluster's init container for PyTorchJob workers runs (tests/cluster/node.py).
+INIT_APPLETS = ("sh", "seq", "sleep", "echo", "sed", "nslookup")
 
 
 def build_init(store: Store) -> Image:
     """Debian's static busybox: what the Training Operator's default init image (alpine) gives
     the worker pods' wait-for-the-master loop."""
-    recipe = {"package": "busybox-static", "version": _apt_candidate("busybox-static")}
+    recipe = {
+        "package": "busybox-static",
+        "version": _apt_candidate("busybox-static"),
+        "applets": INIT_APPLETS,
+    }
 
     def make(workdir: Path) -> list[Entry]:
         run(["apt-get", "download", "busybox-static"], cwd=workdir)

@@ -551,13 +551,35 @@ disabled_plugins = [
         wait_for(ready, 120, "the Training Operator's webhook to serve", interval=0.5)
 
     def _init_container_flags(self) -> list[str]:
-        """Worker pods wait for the master's DNS name in an init container whose default image
-        (alpine, from Docker Hub) cannot be pulled here: give it one built on this machine."""
-        if "init" in self.images:
-            return [f"--pytorch-init-container-image={self.images['init']}"]
-        empty = self.workdir / "no-init-containers.json"
-        empty.write_text("[]")
-        return [f"--pytorch-init-container-template-file={empty}"]
+        """The init container of PyTorchJob workers: wait until the master's name resolves.
+
+        The Training Operator's default uses alpine (Docker Hub, not reachable here) and a bare
+        `nslookup NAME`; busybox 1.35's nslookup exits 1 when any domain of the search list lacks
+        the name, even after finding it. So: our busybox image, and a lookup of the name in the
+        pod's own namespace domain (the first search domain), fully qualified.
+        """
+        template = self.workdir / "pytorch-init-container.yaml"
+        wait = (
+            "domain=$(sed -n 's/^search \\([^ ]*\\).*/\\1/p' /etc/resolv.conf); "
+            "for i in $(seq {{.MaxTries}}); do "
+            "nslookup {{.MasterAddr}}.$domain. && exit 0; echo waiting for master; sleep 2; "
+            "done; exit 1"
+        )
+        container = {
+            "name": "init-pytorch",
+            "image": "{{.InitContainerImage}}",
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["sh", "-c", wait],
+            "resources": {
+                "requests": {"cpu": "50m", "memory": "10Mi"},
+                "limits": {"cpu": "100m", "memory": "20Mi"},
+            },
+        }
+        template.write_text(yaml.safe_dump([container], width=1000))
+        return [
+            f"--pytorch-init-container-image={self.images['init']}",
+            f"--pytorch-init-container-template-file={template}",
+        ]
 
     def _mount_webhook_certs(self, process: ServerProcess) -> None:
         """Do what the kubelet does for the operator's pod: put the Secret's certs in its dir.
