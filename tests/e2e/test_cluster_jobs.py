@@ -1,0 +1,513 @@
+"""ULMFiTJobs on a real one-node cluster: nothing here plays a controller.
+
+The operator runs as a pod installed by `helm install`; its children are handled by the real
+Kubeflow Training Operator, KubeRay operator, Job controller, scheduler, kubelet and garbage
+collector; trainer pods run the project's trainer image and write to a real S3 server on the
+cluster's bridge. Each job is tiny (a 2-layer, 32-wide model and a few hundred documents), so a
+whole pipeline takes minutes on 2 cores.
+
+The tests run in file order; the last one uninstalls the operator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.harness.cluster import ClusterOperator
+from tests.harness.ports import free_port, wait_for
+from tests.harness.s3 import SeaweedS3
+from tests.harness.tools import Tool
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+GROUP, VERSION, PLURAL = "ulmfit.io", "v1alpha1", "ulmfitjobs"
+JOB_TIMEOUT = 900.0
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def tiny_job(
+    name: str, operator: ClusterOperator, s3: SeaweedS3, bucket: str, **overrides: Any
+) -> dict[str, Any]:
+    """A ULMFiTJob small enough for a 2-core machine: every stage a handful of steps."""
+    spec: dict[str, Any] = {
+        "data": {
+            "maxTrainExamples": 240,
+            "maxUnlabeledExamples": 400,
+            "maxEvalExamples": 120,
+            "maxLength": 32,
+        },
+        "model": {"architecture": {"layers": 2, "hiddenSize": 32, "heads": 2, "contextLength": 32}},
+        "tokenizer": {"vocabSize": 600},
+        "stages": {
+            "pretrain": {"maxSteps": 6, "batchSize": 8, "checkpointEvery": 3},
+            "finetune": {"maxSteps": 6, "batchSize": 8, "checkpointEvery": 3},
+            "classifier": {
+                "unfreezePhases": 2,
+                "epochsPerPhase": 0.25,
+                "finalEpochs": 0.25,
+                "batchSize": 16,
+            },
+        },
+        "resources": {
+            "workers": 1,
+            "processesPerWorker": 1,
+            "cpu": "500m",
+            "memory": "2Gi",
+            "image": operator.trainer_image,
+            "imagePullPolicy": "Never",
+        },
+        "storage": {
+            "s3": {"endpoint": s3.url, "bucket": bucket, "prefix": "runs"},
+            "credentialsSecretRef": "s3-credentials",
+            "progressIntervalSeconds": 1,
+        },
+        "seed": 7,
+    }
+    for path, value in overrides.items():
+        target = spec
+        *parents, leaf = path.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[leaf] = value
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ULMFiTJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+class Cluster:
+    """What a test does to the cluster, through kubectl and the API as a user would."""
+
+    def __init__(self, node_cluster: Any, kubectl: Tool, namespace: str) -> None:
+        self.node = node_cluster
+        self.kubectl = kubectl
+        self.namespace = namespace
+        self.kubeconfig = str(node_cluster.kubeconfig)
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120) -> str:
+        result = self.kubectl.run(
+            *args, "-n", self.namespace, kubeconfig=self.kubeconfig, check=check, timeout=timeout
+        )
+        return result.stdout
+
+    def apply(self, obj: dict[str, Any], tmp_path: Path) -> None:
+        path = tmp_path / f"{obj['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(obj))
+        self.run("apply", "-f", str(path))
+
+    def s3_secret(self, s3: SeaweedS3) -> None:
+        self.run(
+            "create", "secret", "generic", "s3-credentials",
+            f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
+            f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
+        )  # fmt: skip
+
+    def get(self, kind: str, name: str | None = None, selector: str | None = None) -> Any:
+        args = ["get", kind, "-o", "json"]
+        if name:
+            args.insert(2, name)
+        if selector:
+            args += ["-l", selector]
+        return json.loads(self.run(*args))
+
+    def job(self, name: str) -> dict[str, Any]:
+        return dict(self.get("ulmfitjob", name))
+
+    def wait_finished(self, name: str, timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
+        """The job once its Succeeded or Failed condition is True; fails with its status."""
+
+        def finished() -> dict[str, Any] | None:
+            job = self.job(name)
+            for condition in job.get("status", {}).get("conditions") or []:
+                if condition["type"] in {"Succeeded", "Failed"} and condition["status"] == "True":
+                    return job
+            return None
+
+        try:
+            return wait_for(finished, timeout, f"ULMFiTJob {name} to finish", interval=3)
+        except TimeoutError:
+            raise AssertionError(self.describe(name)) from None
+
+    def wait_stage(self, name: str, stage: str, states: set[str], timeout: float = 600) -> Any:
+        def reached() -> dict[str, Any] | None:
+            for entry in self.job(name).get("status", {}).get("stages") or []:
+                if entry["name"] == stage and entry["state"] in states:
+                    return dict(entry)
+            return None
+
+        try:
+            return wait_for(reached, timeout, f"stage {stage} of {name} in {states}", interval=2)
+        except TimeoutError:
+            raise AssertionError(self.describe(name)) from None
+
+    def describe(self, name: str) -> str:
+        """Everything useful when a job does not do what a test expects."""
+        parts = [json.dumps(self.job(name).get("status", {}), indent=1)[:6000]]
+        parts.append(self.run("get", "pods,pytorchjobs,jobs,rayjobs", "-o", "wide", check=False))
+        parts.append(self.run("get", "events", "--sort-by=.lastTimestamp", check=False)[-6000:])
+        for pod in self.get("pods")["items"]:
+            pod_name = pod["metadata"]["name"]
+            log = self.run("logs", pod_name, "--all-containers", "--tail=30", check=False)
+            parts.append(f"--- {pod_name}\n{log}")
+        return "\n".join(parts)
+
+
+def stages_by_name(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {entry["name"]: entry for entry in job["status"]["stages"]}
+
+
+@pytest.fixture
+def cluster(
+    node_cluster: Any, kubectl: Tool, node_namespace: str, cluster_s3: SeaweedS3
+) -> Cluster:
+    target = Cluster(node_cluster, kubectl, node_namespace)
+    target.s3_secret(cluster_s3)
+    return target
+
+
+@pytest.fixture
+def bucket(cluster_s3: SeaweedS3) -> Iterator[str]:
+    name = cluster_s3.make_bucket()
+    yield name
+
+
+# --- 1: the whole pipeline ------------------------------------------------------------------------
+
+
+def test_job_runs_every_stage_as_pods_and_the_model_predicts_from_s3(
+    cluster: Cluster,
+    cluster_operator: ClusterOperator,
+    cluster_s3: SeaweedS3,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """`kubectl apply` of a job: pretrain, finetune, classifier and evaluate run as real pods
+    (PyTorchJobs under the real Kubeflow controller, evaluate as a batch Job), the job ends
+    Succeeded with test metrics, and `ulmfit predict` loads the exported model from S3."""
+    job = tiny_job("pipeline", cluster_operator, cluster_s3, bucket)
+    job["spec"]["stages"]["pretrain"]["enabled"] = True
+    cluster.apply(job, tmp_path)
+
+    finished = cluster.wait_finished("pipeline")
+    conditions = {c["type"]: c for c in finished["status"]["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True", cluster.describe("pipeline")
+    stages = stages_by_name(finished)
+    assert set(stages) == {"pretrain", "finetune", "classifier", "evaluate"}
+    assert all(entry["state"] == "Succeeded" for entry in stages.values())
+    result = finished["status"]["result"]
+    metrics = result["testMetrics"]
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert 0.0 <= metrics["macroF1"] <= 1.0
+    # What the real evaluate stage wrote reaches the status under its own name.
+    assert 0.0 < metrics["majorityBaselineAccuracy"] < 1.0
+
+    # Each training stage ran as a PyTorchJob the real controller drove to Succeeded, and its
+    # pods really ran (the kubelet reported their exit).
+    for stage in ("pretrain", "finetune", "classifier"):
+        child = stages[stage]["child"]
+        pytorchjob = cluster.get("pytorchjob", child)
+        states = {c["type"]: c["status"] for c in pytorchjob["status"]["conditions"]}
+        assert states.get("Succeeded") == "True", pytorchjob["status"]
+    # Completed pods may already be gone (cleanPodPolicy); the evaluate Job's pod is kept.
+    evaluate = cluster.get("pods", selector=f"job-name={stages['evaluate']['child']}")
+    phases = {pod["status"]["phase"] for pod in evaluate["items"]}
+    assert phases == {"Succeeded"}
+
+    # The model is in S3, and predict loads it from there.
+    model_uri = result["modelUri"]
+    assert model_uri.startswith(f"s3://{bucket}/")
+    env = {**os.environ, **cluster_s3.env()}
+    predicted = subprocess.run(
+        [sys.executable, "-m", "ulmfit_operator.cli", "predict", model_uri,
+         "library for parsing XML documents", "--s3-endpoint", cluster_s3.url],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    line = json.loads(predicted.stdout.strip().splitlines()[-1])
+    assert line["label"] in line["probabilities"]
+    assert abs(sum(line["probabilities"].values()) - 1.0) < 1e-4
+
+
+# --- 2: two pods, one torchrun rendezvous ---------------------------------------------------------
+
+
+def test_two_worker_stage_matches_one_pod_run(
+    cluster: Cluster,
+    cluster_operator: ClusterOperator,
+    cluster_s3: SeaweedS3,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """`workers: 2` runs the pretrain stage in two pods, one process each; the environment the
+    real Kubeflow controller gives them (MASTER_ADDR on a headless Service, RANK, WORLD_SIZE)
+    drives torchrun's rendezvous across the pods. The same steps in one pod reach the same
+    validation loss: each of the two ranks takes half of the one-pod batch (the data order deals
+    one permutation round-robin), and the gradients are averaged, so only float summation order
+    differs. Tolerance: 1% relative."""
+    common = {
+        "stages.pretrain.enabled": True,
+        "stages.pretrain.maxSteps": 8,
+        "stages.pretrain.checkpointEvery": 100,
+        "model.architecture.dropout": 0.0,
+    }
+    two = tiny_job("two-pods", cluster_operator, cluster_s3, bucket, **common,
+                   **{"resources.workers": 2, "stages.pretrain.batchSize": 4})  # fmt: skip
+    one = tiny_job("one-pod", cluster_operator, cluster_s3, bucket, **common,
+                   **{"resources.workers": 1, "stages.pretrain.batchSize": 8})  # fmt: skip
+    cluster.apply(two, tmp_path)
+    cluster.apply(one, tmp_path)
+
+    two_stage = cluster.wait_stage("two-pods", "pretrain", {"Succeeded", "Failed"})
+    one_stage = cluster.wait_stage("one-pod", "pretrain", {"Succeeded", "Failed"})
+    assert two_stage["state"] == "Succeeded", cluster.describe("two-pods")
+    assert one_stage["state"] == "Succeeded", cluster.describe("one-pod")
+
+    # The stage counts as done once its final checkpoint is committed; the pods exit just after.
+    selector = f"training.kubeflow.org/job-name={two_stage['child']}"
+
+    def pods_exited() -> list[dict[str, Any]] | None:
+        pods = cluster.get("pods", selector=selector)["items"]
+        return pods if {p["status"]["phase"] for p in pods} == {"Succeeded"} else None
+
+    pods = wait_for(pods_exited, 120, "both pods of the two-worker stage to exit", interval=1)
+    roles = sorted(p["metadata"]["labels"]["training.kubeflow.org/replica-type"] for p in pods)
+    assert roles == ["master", "worker"], roles
+    worker_log = cluster.run("logs", f"{two_stage['child']}-worker-0")
+    assert "[rank 1]" in worker_log, worker_log[-2000:]  # the second process was the worker
+
+    two_loss = two_stage["metrics"]["validLoss"]
+    one_loss = one_stage["metrics"]["validLoss"]
+    assert abs(two_loss - one_loss) <= 0.01 * one_loss, (two_loss, one_loss)
+    for name in ("two-pods", "one-pod"):
+        cluster.run("delete", "ulmfitjob", name, "--wait=false")
+
+
+# --- 3: a trainer pod deleted mid-stage -----------------------------------------------------------
+
+
+def committed_steps(s3: SeaweedS3, bucket: str, namespace: str, job: str, stage: str) -> list[int]:
+    """Steps of the stage's committed checkpoints (a `meta.json` is written last)."""
+    prefix = f"runs/{namespace}/{job}/{stage}/"
+    steps = []
+    for item in s3.minio().list_objects(bucket, prefix=prefix, recursive=True):
+        parts = item.object_name[len(prefix):].split("/")
+        if len(parts) == 2 and parts[1] == "meta.json" and parts[0].startswith("step-"):
+            steps.append(int(parts[0].removeprefix("step-")))
+    return sorted(steps)
+
+
+class ChildWatch:
+    """Samples a job's PyTorchJobs in the background: the most ever active at once per stage."""
+
+    def __init__(self, cluster: Cluster, job: str) -> None:
+        self.cluster, self.job = cluster, job
+        self.most_active: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ChildWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                items = self.cluster.get("pytorchjobs", selector=f"ulmfit.io/job={self.job}")
+            except Exception:
+                continue
+            active: dict[str, int] = {}
+            for item in items["items"]:
+                conditions = {c["type"]: c["status"] for c in
+                              (item.get("status") or {}).get("conditions") or []}  # fmt: skip
+                if conditions.get("Succeeded") != "True" and conditions.get("Failed") != "True":
+                    stage = item["metadata"]["labels"]["ulmfit.io/stage"]
+                    active[stage] = active.get(stage, 0) + 1
+            for stage, count in active.items():
+                self.most_active[stage] = max(self.most_active.get(stage, 0), count)
+
+
+def test_deleted_trainer_pod_fails_the_attempt_and_the_next_resumes(
+    cluster: Cluster,
+    cluster_operator: ClusterOperator,
+    cluster_s3: SeaweedS3,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """Deleting the running trainer pod fails that attempt (the real Kubeflow controller marks
+    the PyTorchJob Failed); the operator starts attempt 2, whose trainer resumes from the last
+    committed checkpoint, and the job succeeds. Never are two attempts of a stage active."""
+    job = tiny_job("resume", cluster_operator, cluster_s3, bucket, **{
+        "stages.finetune.maxSteps": 400,
+        "stages.finetune.checkpointEvery": 10,
+        "runPolicy.backoffLimit": 2,
+    })  # fmt: skip
+    with ChildWatch(cluster, "resume") as watch:
+        cluster.apply(job, tmp_path)
+        first = cluster.wait_stage("resume", "finetune", {"Running"})
+        child = first["child"]
+        wait_for(
+            lambda: committed_steps(cluster_s3, bucket, cluster.namespace, "resume", "finetune"),
+            300, "a committed finetune checkpoint", interval=0.3,
+        )  # fmt: skip
+        cluster.run("delete", "pod", f"{child}-master-0", "--wait=false")
+        steps_before = committed_steps(cluster_s3, bucket, cluster.namespace, "resume", "finetune")
+
+        finished = cluster.wait_finished("resume")
+    assert finished["status"]["conditions"], finished
+    conditions = {c["type"]: c["status"] for c in finished["status"]["conditions"]}
+    assert conditions.get("Succeeded") == "True", cluster.describe("resume")
+    finetune = stages_by_name(finished)["finetune"]
+    assert finetune["attempts"] == 2, finetune
+    assert finetune["child"].endswith("-a2"), finetune
+    failed = cluster.get("pytorchjob", child)
+    assert {c["type"]: c["status"] for c in failed["status"]["conditions"]}.get("Failed") == "True"
+    log = cluster.run("logs", f"{finetune['child']}-master-0")
+    resumed = [int(step) for step in re.findall(r"resumed at step (\d+)", log)]
+    assert resumed and resumed[0] >= min(steps_before), log[-2000:]
+    assert max(watch.most_active.values()) == 1, watch.most_active
+
+
+# --- 4: a Ray Tune sweep under the real KubeRay operator ------------------------------------------
+
+
+def test_tune_stage_runs_as_a_rayjob_and_its_best_params_reach_the_classifier(
+    cluster: Cluster,
+    cluster_operator: ClusterOperator,
+    cluster_s3: SeaweedS3,
+    bucket: str,
+    tmp_path: Path,
+    kubectl: Tool,
+) -> None:
+    """`backend: rayjob`: the real KubeRay operator starts a Ray cluster, submits the sweep and
+    reports it complete; the best parameters reach the classifier; the Ray dashboard answers
+    through `kubectl port-forward` of the Service the operator made."""
+    job = tiny_job("sweep", cluster_operator, cluster_s3, bucket, **{
+        "resources.cpu": "1",
+        "resources.memory": "3Gi",
+        "stages.tune": {
+            "space": {"learningRate": {"type": "choice", "values": [0.001, 0.005]}},
+            "metric": "validAccuracy",
+            "mode": "max",
+            "trials": 2,
+            "concurrentTrials": 1,
+            "cpusPerTrial": 1,
+            "scheduler": "fifo",
+            "backend": "rayjob",
+        },
+        "stages.classifier.unfreezePhases": 1,
+    })  # fmt: skip
+    cluster.apply(job, tmp_path)
+    tune = cluster.wait_stage("sweep", "tune", {"Running", "Succeeded", "Failed"}, timeout=600)
+    rayjob = tune["child"]
+
+    # While the sweep runs, the dashboard answers through port-forward.
+    def head_running() -> bool:
+        pods = cluster.get("pods", selector="ray.io/node-type=head")
+        return any(p["status"]["phase"] == "Running" and all(
+            s.get("ready") for s in p["status"].get("containerStatuses") or [])
+            for p in pods["items"])  # fmt: skip
+
+    wait_for(head_running, 300, "the Ray head pod", interval=2)
+    port = free_port()
+    forward = subprocess.Popen(
+        [str(kubectl.path), "port-forward", "-n", cluster.namespace,
+         "svc/sweep-tune-dashboard", f"{port}:8265", "--address", "127.0.0.1"],
+        env={**os.environ, **kubectl.env, "KUBECONFIG": cluster.kubeconfig},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        def version() -> dict[str, Any]:
+            url = f"http://127.0.0.1:{port}/api/version"
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return dict(json.load(answer))
+
+        answer = wait_for(version, 120, "the Ray dashboard through port-forward", interval=1)
+        assert "ray_version" in answer or "version" in answer, answer
+    finally:
+        forward.terminate()
+        forward.wait(10)
+
+    finished = cluster.wait_finished("sweep")
+    conditions = {c["type"]: c["status"] for c in finished["status"]["conditions"]}
+    assert conditions.get("Succeeded") == "True", cluster.describe("sweep")
+    ray = cluster.get("rayjob", rayjob)
+    assert ray["status"]["jobStatus"] == "SUCCEEDED", ray["status"]
+    best = finished["status"]["result"]["bestParams"]
+    assert best["learningRate"] in {0.001, 0.005}
+    assert stages_by_name(finished)["classifier"]["state"] == "Succeeded"
+
+
+# --- 5: deletion and uninstall cascade ------------------------------------------------------------
+
+
+def test_job_deletion_and_helm_uninstall_cascade_but_checkpoints_stay(
+    cluster: Cluster,
+    cluster_operator: ClusterOperator,
+    cluster_s3: SeaweedS3,
+    bucket: str,
+    tmp_path: Path,
+    helm: Tool,
+) -> None:
+    """Deleting a running job removes its children, their pods, ConfigMaps and Services (the
+    real garbage collector); its checkpoints stay in S3. `helm uninstall` removes the operator
+    and everything the chart made except the CRD (Helm keeps `crds/`)."""
+    job = tiny_job("doomed", cluster_operator, cluster_s3, bucket, **{
+        "stages.finetune.maxSteps": 400, "stages.finetune.checkpointEvery": 10,
+    })  # fmt: skip
+    cluster.apply(job, tmp_path)
+    wait_for(
+        lambda: committed_steps(cluster_s3, bucket, cluster.namespace, "doomed", "finetune"),
+        600, "a committed finetune checkpoint", interval=0.5,
+    )  # fmt: skip
+    selector = "ulmfit.io/job=doomed"
+    owned = cluster.get("pytorchjobs,configmaps", selector=selector)["items"]
+    assert owned, "the running job has children"
+    pods = cluster.get("pods", selector=selector)["items"]
+    assert pods, "the running stage has pods"
+
+    cluster.run("delete", "ulmfitjob", "doomed", "--wait=true", timeout=180)
+
+    def all_gone() -> bool:
+        left = cluster.get("pytorchjobs,jobs,configmaps,services,pods", selector=selector)
+        return not left["items"]
+
+    wait_for(all_gone, 180, "the garbage collector to remove the job's children", interval=1)
+    assert committed_steps(cluster_s3, bucket, cluster.namespace, "doomed", "finetune")
+
+    kubeconfig = cluster.kubeconfig
+    helm.run("uninstall", cluster_operator.release, "-n", cluster_operator.namespace, "--wait",
+             kubeconfig=kubeconfig, timeout=180)  # fmt: skip
+
+    def operator_gone() -> bool:
+        left = cluster.kubectl.run(
+            "get", "deployments,pods,serviceaccounts,services", "-n", cluster_operator.namespace,
+            "-l", f"app.kubernetes.io/instance={cluster_operator.release}", "-o", "name",
+            kubeconfig=kubeconfig,
+        ).stdout.split()
+        return not left
+
+    wait_for(operator_gone, 120, "the operator's objects to go", interval=1)
+    crd = cluster.kubectl.run("get", "crd", "ulmfitjobs.ulmfit.io", "-o", "name",
+                              kubeconfig=kubeconfig).stdout  # fmt: skip
+    assert crd.strip() == "customresourcedefinition.apiextensions.k8s.io/ulmfitjobs.ulmfit.io"
