@@ -1,27 +1,16 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the one-node test cluster needs: containerd and runc (the container
 # runtime), the CNI plugins (bridge, host-local, portmap), iptables and conntrack (kube-proxy),
-# debootstrap (the base image) and buildah (builds the Dockerfile's operator target).
-# Only what is missing is installed; a no-op on a machine that has them all.
+# gcc and libc6-dev (the static pause binary), debootstrap (the base image) and buildah (builds the
+# Dockerfile's operator target). Only what is missing is installed; a no-op when all are there.
 set -euo pipefail
 
-declare -A provides=(
-	[containerd]=containerd
-	[runc]=runc
-	[containernetworking-plugins]=/usr/lib/cni/bridge
-	[iptables]=iptables
-	[conntrack]=conntrack
-	[debootstrap]=debootstrap
-	[buildah]=buildah
-)
+packages=(containerd runc containernetworking-plugins iptables conntrack gcc libc6-dev
+	debootstrap buildah)
 missing=()
-for package in "${!provides[@]}"; do
-	what=${provides[$package]}
-	if [[ $what == /* ]]; then
-		[[ -e $what ]] || missing+=("$package")
-	else
-		command -v "$what" >/dev/null 2>&1 || [[ -x /usr/sbin/$what ]] || missing+=("$package")
-	fi
+for package in "${packages[@]}"; do
+	status="$(dpkg-query -W -f='${Status}' "$package" 2>/dev/null || true)"
+	[[ $status == "install ok installed" ]] || missing+=("$package")
 done
 if ((${#missing[@]} == 0)); then
 	exit 0

@@ -48,9 +48,8 @@ NODE_READY_TIMEOUT = 180.0
 CONTROLLERS_NAMESPACE = "kubeflow"
 TRAINING_OPERATOR_SECRET = "training-operator-webhook-cert"
 TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
-# What the README recommends (see benchmarks/apply_to_pod.py): the default of 1 serialises
-# every PyTorchJob of the cluster through one reconcile loop.
-TRAINING_OPERATOR_THREADS = 8
+# The Training Operator's default; benchmarks/apply_to_pod.py compares others.
+TRAINING_OPERATOR_THREADS = 1
 
 
 def controller_dirs() -> dict[str, Path]:

