@@ -1132,8 +1132,9 @@ async def _main(config: OperatorConfig) -> None:
         await kopf.operator(
             registry=build_registry(controller, config),
             # Without one kopf asks getpass for a user name, which fails for an image's numeric
-            # non-root user that has no passwd entry (ours: 65532).
-            identity=identity,
+            # non-root user that has no passwd entry (ours: 65532). kopf types it as a NewType
+            # of str that it does not export.
+            identity=identity,  # type: ignore[arg-type]
             standalone=True,
             clusterwide=config.namespace is None,
             namespaces=[config.namespace] if config.namespace else (),

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -418,6 +417,8 @@ disabled_plugins = [
 
     def _start_coredns(self) -> None:
         coredns = self.controllers["coredns"] / "coredns"
+        # Cluster-admin for brevity: CoreDNS only lists and watches Services, EndpointSlices,
+        # Namespaces and Pods.
         kubeconfig = self._component_kubeconfig(
             "coredns", self._ca.issue_client("system:coredns", ["system:masters"])
         )
@@ -700,7 +701,3 @@ def cni_plugin_dir() -> str:
         if Path(candidate, "bridge").is_file():
             return candidate
     raise FileNotFoundError("no CNI bridge plugin: apt-get install containernetworking-plugins")
-
-
-def wait_seconds(start: float) -> str:
-    return f"{time.monotonic() - start:.1f}s"

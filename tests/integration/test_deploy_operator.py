@@ -4,7 +4,8 @@ The chart is rendered by the real helm; its ServiceAccount, roles and bindings a
 real API server and a token for the account is all the operator gets. It runs as
 `python -m ulmfit_operator` with the container args and environment of the chart's Deployment
 (ports moved to free loopback ports), reads the store (SeaweedFS) with its own keys, and must
-create the first stage's PyTorchJob and write the job's status.
+create the first stage's PyTorchJob and write the job's status. No controller acts on that
+PyTorchJob here; tests/e2e/test_cluster_jobs.py installs the chart on the real cluster.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Shared parts of the operator's integration tests (fixtures and helpers; no tests here).
 
 The real parts: kube-apiserver + etcd (tests.harness.kube), SeaweedFS (tests.harness.s3), our
-CRD and a PyTorchJob CRD of our own writing. The operator runs as a subprocess
-(`python -m ulmfit_operator`) with the least-privilege kubeconfig built from manifests/rbac, so
-killing it is a real SIGKILL. Nothing else acts on objects: `Trainer` plays both the Kubeflow
-Training Operator (patching PyTorchJob/Job status) and the trainer (progress.json and the final
-checkpoint, written with CheckpointStore so the format is the real one).
+CRD and the Training Operator's own PyTorchJob CRD (tests.harness.crds). The operator runs as a
+subprocess (`python -m ulmfit_operator`) with the least-privilege kubeconfig built from
+manifests/rbac, so killing it is a real SIGKILL. Nothing else acts on objects: `Trainer` plays
+both the Kubeflow Training Operator (patching PyTorchJob/Job status) and the trainer
+(progress.json and the final checkpoint, written with CheckpointStore so the format is the real
+one). These tests play those controllers to reach failures on demand;
+tests/e2e/test_cluster_jobs.py runs the same paths under the real controllers.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The operator on real parts: a real API server, a real S3 store, the operator as a process."""
+"""The operator on real parts: a real API server, a real S3 store, the operator as a process.
+
+The Kubeflow Training Operator and the trainer are played by the harness's `Trainer` (see
+tests/integration/test_operator_harness.py); tests/e2e/test_cluster_jobs.py runs the same
+paths under the real controllers.
+"""
 
 # The shared fixtures are imported from the harness module, so their names come back as
 # test parameters:

@@ -1,5 +1,9 @@
 """The new stages on real parts: co-trained models in parallel, the tune stage as a pod with a
-dashboard Service, or as a KubeRay RayJob where that CRD is installed."""
+dashboard Service, or as a KubeRay RayJob where that CRD is installed.
+
+The controllers are played by the harness's `Trainer` (no KubeRay runs here: only its RayJob CRD
+is installed); tests/e2e/test_cluster_jobs.py runs the RayJob sweep under the real KubeRay.
+"""
 
 # The shared fixtures are imported from the harness module, so their names come back as
 # test parameters:

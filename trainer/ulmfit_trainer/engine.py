@@ -122,7 +122,7 @@ def _limit_shm_comm() -> None:
         return
     # `import deepspeed.comm.torch as ...` would bind the `torch` attribute that package sets on
     # `deepspeed.comm` (plain torch), and the patch below would miss DeepSpeed's module.
-    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch: Any = importlib.import_module("deepspeed.comm.torch")
     ds_torch.build_shm_op = lambda: None
 
 
