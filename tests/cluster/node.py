@@ -356,15 +356,13 @@ disabled_plugins = [
             "resolvConf": str(host_resolv),
             "failSwapOn": False,
             "failCgroupV1": False,
-            # The images were imported, never pulled: the kubelet must not collect them.
+            # The images were imported, never pulled: the kubelet must not collect them, and
+            # it must not reclaim disk either. On a disk shared with build caches the eviction
+            # manager saw disk pressure and deleted the unused trainer image between two tests;
+            # naming only a memory threshold turns the disk signals off.
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
-            "evictionHard": {
-                "memory.available": "50Mi",
-                "nodefs.available": "1%",
-                "imagefs.available": "1%",
-                "nodefs.inodesFree": "1%",
-            },
+            "evictionHard": {"memory.available": "50Mi"},
             "serializeImagePulls": False,
             "registerNode": True,
             "rotateCertificates": False,
