@@ -29,7 +29,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ for _path in (ROOT, ROOT / "operator", ROOT / "trainer", ROOT / "benchmarks"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from operator_scale import percentile, start_operator  # noqa: E402
+from operator_scale import ChildWatch, percentile, start_operator  # noqa: E402
 from ulmfit_operator.handlers import Kube  # noqa: E402
 from ulmfit_operator.metrics import OperatorMetrics  # noqa: E402
 
@@ -64,52 +63,6 @@ def emit(name: str, value: float, unit: str, baseline: float | None) -> None:
     print(json.dumps({**line, "ratio": ratio}), flush=True)
 
 
-class FirstSeen(threading.Thread):
-    """Records when each object of a collection first appears, from a watch."""
-
-    def __init__(self, kube: Kube, path: str) -> None:
-        super().__init__(daemon=True, name=f"watch {path}")
-        self.kube, self.path = kube, path
-        self.first_seen: dict[str, float] = {}
-        self.ready = threading.Event()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        version = self.kube.request("GET", self.path, query=[("limit", "1")])["metadata"][
-            "resourceVersion"
-        ]
-        while not self.stop.is_set():
-            method, url, headers, _, _ = self.kube.api.param_serialize(
-                method="GET",
-                resource_path=self.path,
-                query_params=[("watch", "true"), ("resourceVersion", version),
-                              ("timeoutSeconds", "60")],
-                header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"],
-            )
-            response = self.kube.api.call_api(
-                method, url, header_params=headers, _request_timeout=(5, 90)
-            )
-            self.ready.set()
-            buffer = b""
-            try:
-                for chunk in response.response.stream(65536):
-                    buffer += chunk
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
-                        if line.strip():
-                            event = json.loads(line)
-                            meta = event["object"].get("metadata", {})
-                            version = str(meta.get("resourceVersion", version))
-                            if event["type"] == "ADDED":
-                                self.first_seen.setdefault(meta["name"], time.monotonic())
-                    if self.stop.is_set():
-                        return
-            except Exception:  # the server ended the stream: resume from `version`
-                if self.stop.is_set():
-                    return
-
-
 def run_once(
     cluster: NodeCluster, admin: Kube, kubeconfig: Path, s3: SeaweedS3, bucket: str,
     n: int, threads: int, workdir: Path,
@@ -121,8 +74,8 @@ def run_once(
                   {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     operator, _ = start_operator(kubeconfig, s3, workdir, resync=30.0, workers=16)
     watches = [
-        FirstSeen(admin, f"/apis/kubeflow.org/v1/namespaces/{namespace}/pytorchjobs"),
-        FirstSeen(admin, f"/api/v1/namespaces/{namespace}/pods"),
+        ChildWatch(admin, namespace, "kubeflow.org/v1", "pytorchjobs"),
+        ChildWatch(admin, namespace, "v1", "pods"),
     ]
     for watch in watches:
         watch.start()

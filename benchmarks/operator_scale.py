@@ -133,12 +133,14 @@ class AuditedControlPlane(ControlPlane):
 
 
 class ChildWatch(threading.Thread):
-    """Records when each PyTorchJob/Job first appears (a watch: no polling load)."""
+    """Records when each object of a namespaced collection first appears (a watch: no polling
+    load); `api_version` "v1" is the core group (Pods)."""
 
     def __init__(self, kube: Kube, namespace: str, api_version: str, plural: str):
         super().__init__(daemon=True, name=f"watch-{plural}")
         self.kube, self.namespace = kube, namespace
-        self.path = f"/apis/{api_version}/namespaces/{namespace}/{plural}"
+        group_path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        self.path = f"{group_path}/namespaces/{namespace}/{plural}"
         self.first_seen: dict[str, float] = {}
         self.ready = threading.Event()
         self.stop = threading.Event()

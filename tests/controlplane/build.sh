@@ -7,13 +7,12 @@
 #
 # Binaries are cached under ${XDG_CACHE_HOME:-$HOME/.cache}/ulmfit-operator/controlplane/
 # <kubernetes-version>-<etcd-version>/; when both are there the script only prints that path.
-# Needs Go >= 1.21 (any older `go`, or none, is handled: see find_go) and the Go module proxy.
+# Needs Go >= 1.21 (any older `go`, or none, is handled: see go-toolchain.sh) and the Go module
+# proxy.
 # Set ULMFIT_CONTROLPLANE_DIR to the printed path to point the tests at another build.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# Used only when the go on this machine predates toolchain switching (Go 1.21).
-fallback_toolchain="go1.25.14"
 
 log() { printf 'controlplane: %s\n' "$*" >&2; }
 
@@ -40,48 +39,8 @@ if all_built "$out"; then
 	exit 0
 fi
 
-version_at_least() { # $1 >= $2, both like 1.21.3
-	[[ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n1)" == "$2" ]]
-}
-
-find_go() {
-	local go_bin
-	go_bin="$(command -v go || true)"
-	if [[ -z $go_bin && -x /usr/local/go/bin/go ]]; then
-		go_bin=/usr/local/go/bin/go
-	fi
-	if [[ -z $go_bin ]]; then
-		log "no go found: installing Debian's golang-go"
-		local sudo=""
-		[[ $(id -u) -eq 0 ]] || sudo="sudo"
-		$sudo apt-get update -qq >&2
-		DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq golang-go >&2
-		go_bin="$(command -v go)"
-	fi
-	local have
-	have="$("$go_bin" env GOVERSION)"
-	have="${have#go}"
-	if version_at_least "$have" 1.21; then
-		# Newer go commands fetch the toolchain go.mod asks for through the module proxy.
-		# Debian's go.env says GOTOOLCHAIN=local; the environment wins over it.
-		export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
-		GO="$go_bin"
-		return
-	fi
-	# Go before 1.21 cannot switch toolchains itself, but it can download the toolchain module
-	# that newer go commands use for that, from the same proxy.
-	log "go $have is too old; fetching $fallback_toolchain through the module proxy"
-	local arch module dir
-	arch="$("$go_bin" env GOOS)-$("$go_bin" env GOARCH)"
-	module="golang.org/toolchain@v0.0.1-$fallback_toolchain.$arch"
-	dir="$(cd / && GO111MODULE=on "$go_bin" mod download -json "$module" |
-		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
-	[[ -n $dir && -f $dir/bin/go ]] || { log "could not download $module"; exit 1; }
-	# Module cache files are read-only and carry no exec bit.
-	chmod u+x "$dir"/bin/* "$dir"/pkg/tool/*/*
-	export GOROOT="$dir" GOTOOLCHAIN=local
-	GO="$dir/bin/go"
-}
+# shellcheck source=tests/controlplane/go-toolchain.sh
+source "$here/go-toolchain.sh"
 
 find_go
 cd "$here"
