@@ -18,6 +18,7 @@ cluster-build: env controlplane
 	bash scripts/install-node-packages.sh
 	bash tests/cluster/controllers/build.sh >/dev/null
 	$(VENV)/python -m tests.cluster.images build
+	$(VENV)/python -m tests.cluster.images prune
 
 cluster: cluster-build
 	$(VENV)/python -m tests.cluster up

@@ -1260,8 +1260,27 @@ def prune(store: Store, keep: Iterable[Image]) -> int:
 def ensure_images(containerd_address: str) -> dict[str, str]:
     """Build (cached) and import the cluster's images; {"pause"|"trainer"|"operator": ref}."""
     images = build(("pause", "init", "trainer", "operator"))
+    drop_stale_images(containerd_address, list(images.values()))
     import_images(containerd_address, list(images.values()))
     return {name: image.ref for name, image in images.items()}
+
+
+def drop_stale_images(containerd_address: str, images: Sequence[Image]) -> None:
+    """Remove every image of the namespace that is not one of ``images`` as built now.
+
+    containerd's root is kept between clusters; without this each rebuilt trainer image (some GB
+    once unpacked) would stay beside its successor until the disk fills. The image references
+    the CRI plugin adds (``sha256:...`` and ``name@sha256:...``) go too; the kubelet's pods are
+    gone when a cluster starts, and containerd then collects the unreferenced content.
+    """
+    wanted = {image.ref: image.manifest.digest for image in images}
+    present = imported_digests(containerd_address)
+    if all(wanted.get(ref) in (None, digest) for ref, digest in present.items()):
+        return  # nothing of ours was rebuilt (or a fresh root)
+    stale = [ref for ref, digest in present.items() if wanted.get(ref) != digest]
+    if stale:
+        log(f"removing {len(stale)} stale image references from containerd")
+        ctr(containerd_address, "images", "rm", "--sync", *stale, timeout=600)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
