@@ -103,7 +103,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN "$TRAINER_PYTHON" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# torch is pinned (TORCH_VERSION); hadolint misreads the optional index flag before it.
+# torch is pinned (TORCH_VERSION); the linter misreads the optional index flag before it.
 # hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
     pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
