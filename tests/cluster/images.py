@@ -1258,7 +1258,7 @@ def prune(store: Store, keep: Iterable[Image]) -> int:
 
 
 def ensure_images(containerd_address: str) -> dict[str, str]:
-    """Build (cached) and import the cluster's images; {"pause"|"trainer"|"operator": ref}."""
+    """Build (cached) and import the cluster's images; {pause|init|trainer|operator: ref}."""
     images = build(("pause", "init", "trainer", "operator"))
     drop_stale_images(containerd_address, list(images.values()))
     import_images(containerd_address, list(images.values()))
