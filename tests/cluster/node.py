@@ -438,15 +438,7 @@ disabled_plugins = [
 """
         )
         process = self._spawn("coredns", [str(coredns), "-conf", str(corefile)])
-
-        def ready_ok() -> bool:
-            import urllib.request
-
-            process.check_running()
-            with urllib.request.urlopen(f"http://127.0.0.1:{ready}/ready", timeout=2) as answer:
-                return bool(answer.status == 200)
-
-        wait_for(ready_ok, 60, "CoreDNS /ready")
+        wait_until_ok(process, f"http://127.0.0.1:{ready}/ready", 60, "CoreDNS /ready")
 
     def _wait_for_node(self) -> None:
         from kubernetes import client
@@ -537,16 +529,12 @@ disabled_plugins = [
         )
 
         self._mount_webhook_certs(process)
-
-        def ready() -> bool:
-            import urllib.request
-
-            process.check_running()
-            url = f"http://127.0.0.1:{health}/readyz"
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                return bool(answer.status == 200)
-
-        wait_for(ready, 120, "the Training Operator's webhook to serve", interval=0.5)
+        wait_until_ok(
+            process,
+            f"http://127.0.0.1:{health}/readyz",
+            120,
+            "the Training Operator's webhook to serve",
+        )
 
     def _init_container_flags(self) -> list[str]:
         """The init container of PyTorchJob workers: wait until the master's name resolves.
@@ -634,6 +622,18 @@ disabled_plugins = [
         targets = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
         for target in sorted(targets, key=len, reverse=True):
             subprocess.run(["umount", "-l", target], capture_output=True, check=False)
+
+
+def wait_until_ok(process: ServerProcess, url: str, timeout: float, what: str) -> None:
+    """Poll a component's health URL until it answers 200; stop at once if the process exits."""
+    import urllib.request
+
+    def ok() -> bool:
+        process.check_running()
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+
+    wait_for(ok, timeout, what, interval=0.5)
 
 
 def training_operator_objects(host: str, webhook_port: int) -> list[dict[str, Any]]:
