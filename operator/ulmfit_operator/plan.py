@@ -13,8 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from ulmfit_trainer.config import StageConfig, StageName
-from ulmfit_trainer.store import S3Settings
+from ulmfit_trainer.config import S3Settings, StageConfig, StageName
 
 from ulmfit_operator.api import ULMFiTJob
 

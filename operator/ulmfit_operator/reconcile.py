@@ -37,9 +37,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from ulmfit_trainer.config import StageName, TuneBackend
+from ulmfit_trainer.config import S3Settings, StageName, TuneBackend
 from ulmfit_trainer.errors import InvalidSpec
-from ulmfit_trainer.store import S3Settings
 
 from ulmfit_operator.api import Metadata, StageState, ULMFiTJob, ULMFiTJobSpec, parse_spec
 from ulmfit_operator.plan import TUNE_KEY, Plan, PlannedStage, make_plan

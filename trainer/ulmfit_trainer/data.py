@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ulmfit_trainer.config import DataSpec
+from ulmfit_trainer.config import DataSpec, S3Settings
 from ulmfit_trainer.errors import InvalidSpec, PermanentError
-from ulmfit_trainer.store import S3Settings, fetch
+from ulmfit_trainer.store import fetch
 
 SPLITS = ("train", "valid", "test", "unlabeled")
 LABELED = ("train", "valid", "test")

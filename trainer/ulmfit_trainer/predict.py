@@ -94,7 +94,8 @@ def local_model(uri: str, endpoint: str | None, workdir: Path) -> Path:
         return path
     if not endpoint:
         raise BadInput("an s3:// model needs --s3-endpoint (or AWS_ENDPOINT_URL)")
-    from ulmfit_trainer.store import S3Settings, fetch, split_s3_uri
+    from ulmfit_trainer.config import S3Settings
+    from ulmfit_trainer.store import fetch, split_s3_uri
 
     bucket, _ = split_s3_uri(uri)
     settings = S3Settings(endpoint=endpoint, bucket=bucket)

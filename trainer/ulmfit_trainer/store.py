@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import certifi
@@ -44,9 +44,8 @@ import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic.alias_generators import to_camel
 
+from ulmfit_trainer.config import S3Settings, is_store_key
 from ulmfit_trainer.errors import PermanentError, TemporaryError, UlmfitError
 
 log = logging.getLogger(__name__)
@@ -90,104 +89,6 @@ class CheckpointCorrupt(StoreError, PermanentError):
 
 class NoCheckpoint(StoreError):
     """No committed checkpoint exists for the stage (or the requested tag)."""
-
-
-# ------------------------------------------------------------------------------------- settings
-
-
-class S3Settings(BaseModel):
-    """Connection to an S3-compatible object store (MinIO, SeaweedFS, AWS S3).
-
-    Credentials never appear here: they are read from environment variables (in a cluster, a
-    Secret mounted with `envFrom`); the fields below only name those variables.
-    """
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-        frozen=True,
-    )
-
-    endpoint: Annotated[str, Field(min_length=1)]
-    """S3 API endpoint: `host:port`, or a URL `http://host:port` / `https://host`. The scheme
-    decides TLS unless `secure` is set."""
-    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
-    """Bucket that holds every job's objects."""
-    prefix: str = "ulmfit"
-    """Key prefix inside the bucket; jobs live under `<prefix>/<namespace>/<job>/`."""
-    region: str | None = None
-    """Region of the bucket. Default: asked from the server once per bucket."""
-    secure: bool | None = None
-    """Use TLS. Default: true for an `https://` endpoint, false otherwise."""
-    verify_tls: bool = True
-    """Verify the server's TLS certificate (CA bundle from `SSL_CERT_FILE`, else certifi)."""
-    access_key_env: str = "AWS_ACCESS_KEY_ID"
-    """Environment variable that holds the access key."""
-    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
-    """Environment variable that holds the secret key."""
-    session_token_env: str = "AWS_SESSION_TOKEN"
-    """Environment variable that holds a session token, used only when set."""
-    create_bucket: bool = True
-    """Create the bucket on the first write when it does not exist."""
-    part_size_mb: Annotated[int, Field(ge=5, le=5120)] = 8
-    """Multipart upload part size in MiB (S3 allows 5 MiB to 5 GiB); larger files are sent in
-    parts of this size. Memory used by an upload is about `(parallelUploads + 1) * partSizeMb`
-    MiB per file in flight."""
-    parallel_uploads: Annotated[int, Field(ge=1, le=64)] = 4
-    """Parts of one file uploaded concurrently."""
-    parallel_files: Annotated[int, Field(ge=1, le=16)] = 2
-    """Files of one checkpoint transferred concurrently."""
-    max_attempts: Annotated[int, Field(ge=1, le=100)] = 6
-    """Tries per operation on connection errors and 5xx answers before giving up."""
-    retry_base_delay: Annotated[float, Field(gt=0, le=600)] = 0.5
-    """Seconds before the first retry; doubles each retry (with jitter) up to `retryMaxDelay`."""
-    retry_max_delay: Annotated[float, Field(gt=0, le=3600)] = 30.0
-    """Upper bound in seconds of one wait between retries."""
-    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = 60.0
-    """Seconds to wait for a connection or for the next bytes of an answer."""
-
-    @field_validator("endpoint")
-    @classmethod
-    def _endpoint_shape(cls, value: str) -> str:
-        value = value.strip()
-        parts = urlsplit(value if "://" in value else f"//{value}")
-        if "://" in value and parts.scheme not in ("http", "https"):
-            raise ValueError(f"endpoint scheme must be http or https, not {parts.scheme!r}")
-        if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError("endpoint must be host[:port] or http(s)://host[:port] with no path")
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-        return value
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix_shape(cls, value: str) -> str:
-        value = value.strip("/")
-        if value:
-            try:
-                _check_key(value, what="prefix")
-            except StoreError as exc:
-                raise ValueError(str(exc)) from None
-        return value
-
-    @property
-    def host(self) -> str:
-        """`host:port` without the scheme, as the minio client wants it."""
-        if "://" in self.endpoint:
-            return urlsplit(self.endpoint).netloc
-        return self.endpoint
-
-    @property
-    def use_tls(self) -> bool:
-        if self.secure is not None:
-            return self.secure
-        return self.endpoint.lower().startswith("https://")
-
-    @property
-    def root(self) -> str:
-        """`s3://bucket/prefix`: the store root these settings describe."""
-        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
 
 # ---------------------------------------------------------------------------------- data types
@@ -238,13 +139,7 @@ class Checkpoint:
 
 def _check_key(key: str, what: str = "key") -> str:
     """A store key is a relative POSIX path: no empty, `.` or `..` segments, no backslashes."""
-    if (
-        not key
-        or key.startswith("/")
-        or "\\" in key
-        or "\x00" in key
-        or any(part in ("", ".", "..") for part in key.split("/"))
-    ):
+    if not is_store_key(key):
         raise StoreError(f"invalid store {what} {key!r}: use a relative path like 'a/b/c'")
     return key
 
