@@ -8,8 +8,11 @@
 # `operator` is the controller: slim Python with the `operator` extra only (no torch).
 # `trainer` is what trainer pods run: CUDA + torch + transformers + DeepSpeed + Ray Tune.
 #
-# Layer order keeps rebuilds cheap: the dependencies named in pyproject.toml are installed in a
-# layer that depends on pyproject.toml alone, so editing the source reinstalls only the project.
+# Both build stages install the project into /opt/venv the same way, with one script that they
+# run twice, docker/install-python-project.sh (the stage's ENV EXTRAS names the extras): first
+# `dependencies`, the requirements named in pyproject.toml, in a layer that depends on
+# pyproject.toml and the script alone; then, after the source is copied, `project`, the project
+# itself. Editing the source reinstalls only the project.
 #
 # pip reads two optional build secrets, mounted for its commands only and kept out of every layer:
 # `pip.conf` (becomes /etc/pip.conf: an index mirror, timeouts) and `pip-ca.crt` (a CA bundle that
@@ -28,34 +31,25 @@ ARG TRAINER_IMAGE=nvidia/cuda
 ARG TRAINER_TAG=12.8.1-cudnn-runtime-ubuntu24.04
 ARG TRAINER_PYTHON=python3.12
 
-# Prints the requirements of the core package plus the extras named in $EXTRAS (comma-separated),
-# read from pyproject.toml, so dependencies install before the source is copied.
-ARG READ_REQUIREMENTS="import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print(*p['dependencies'], *(r for e in os.environ['EXTRAS'].split(',') for r in p['optional-dependencies'][e]), sep=chr(10))"
-
 # ----------------------------------------------------------------------------- operator
 
 FROM ${PYTHON_IMAGE}:${PYTHON_TAG} AS python-base
 
 FROM python-base AS operator-build
-ARG READ_REQUIREMENTS
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     EXTRAS=operator
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml docker/install-python-project.sh ./
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
-    python -c "$READ_REQUIREMENTS" > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+    sh install-python-project.sh dependencies
 COPY README.md ./
 COPY operator ./operator
 COPY trainer ./trainer
-# The project itself, from the copied source: there is no version to pin (its dependencies
-# are already installed, from pyproject.toml, in the layer above).
-# hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
-    pip install --no-cache-dir ".[operator]"
+    sh install-python-project.sh project
 
 FROM python-base AS operator
 LABEL org.opencontainers.image.title="ulmfit-operator" \
@@ -90,7 +84,6 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 FROM trainer-base AS trainer-build
-ARG READ_REQUIREMENTS
 ARG TRAINER_PYTHON
 # torch from the PyTorch index for the CUDA release of the base image (the PyPI wheel targets a
 # newer CUDA than some drivers support). Empty: pip's own configured index.
@@ -103,22 +96,19 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN "$TRAINER_PYTHON" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# torch is pinned (TORCH_VERSION); the linter misreads the optional index flag before it.
+# torch first, so the dependencies below find it installed (pinned by TORCH_VERSION; the linter
+# misreads the optional index flag before it).
 # hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
     pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
-COPY pyproject.toml ./
+COPY pyproject.toml docker/install-python-project.sh ./
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
-    python -c "$READ_REQUIREMENTS" > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt
+    sh install-python-project.sh dependencies
 COPY README.md ./
 COPY operator ./operator
 COPY trainer ./trainer
-# The project itself, from the copied source: there is no version to pin (its dependencies
-# are already installed, from pyproject.toml, in the layer above).
-# hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
-    pip install --no-cache-dir ".[trainer]"
+    sh install-python-project.sh project
 
 FROM trainer-base AS trainer
 LABEL org.opencontainers.image.title="ulmfit-trainer" \

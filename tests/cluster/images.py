@@ -1121,7 +1121,16 @@ def load_into_buildah(image: Image) -> None:
 
 def dockerfile_inputs() -> list[list[str]]:
     """What a Dockerfile build reads from the context: its files and their hashes."""
-    files = [ROOT / name for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")]
+    files = [
+        ROOT / name
+        for name in (
+            "Dockerfile",
+            ".dockerignore",
+            "pyproject.toml",
+            "README.md",
+            "docker/install-python-project.sh",
+        )
+    ]
     for package in (ROOT / "operator", ROOT / "trainer"):
         files += sorted(p for p in package.rglob("*") if p.is_file() and not _is_bytecode(str(p)))
     return [[str(p.relative_to(ROOT)), sha256_hex(p.read_bytes())] for p in files]

