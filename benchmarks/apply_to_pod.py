@@ -38,8 +38,8 @@ for _path in (ROOT, ROOT / "operator", ROOT / "trainer", ROOT / "benchmarks"):
         sys.path.insert(0, str(_path))
 
 from operator_scale import ChildWatch, percentile, start_operator  # noqa: E402
-from ulmfit_operator.handlers import Kube  # noqa: E402
 from ulmfit_operator.metrics import OperatorMetrics  # noqa: E402
+from ulmfit_operator.runtime.kube import Kube  # noqa: E402
 
 from tests.cluster import network  # noqa: E402
 from tests.cluster.node import NODE_NAME, NodeCluster, controller_dirs  # noqa: E402

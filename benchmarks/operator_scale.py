@@ -42,9 +42,10 @@ for _path in (ROOT, ROOT / "operator", ROOT / "trainer"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from ulmfit_operator.handlers import Kube  # noqa: E402
 from ulmfit_operator.metrics import OperatorMetrics  # noqa: E402
-from ulmfit_trainer.store import CheckpointStore, S3Settings, open_store  # noqa: E402
+from ulmfit_operator.runtime.kube import Kube  # noqa: E402
+from ulmfit_trainer.config import S3Settings  # noqa: E402
+from ulmfit_trainer.store import CheckpointStore, open_store  # noqa: E402
 
 from tests.harness.crds import pytorchjob_crd  # noqa: E402
 from tests.harness.kube import (  # noqa: E402

@@ -39,7 +39,8 @@ for _path in (ROOT, ROOT / "trainer"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from ulmfit_trainer.store import CheckpointStore, S3Settings, S3Store  # noqa: E402
+from ulmfit_trainer.config import S3Settings  # noqa: E402
+from ulmfit_trainer.store import CheckpointStore, S3Store  # noqa: E402
 
 from tests.harness.s3 import SeaweedS3, weed_binary  # noqa: E402
 

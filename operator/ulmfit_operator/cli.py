@@ -12,6 +12,7 @@ from rich.console import Console
 from ulmfit_trainer.errors import InvalidSpec, UlmfitError
 
 from ulmfit_operator.api import ULMFiTJob, load_job_file
+from ulmfit_operator.settings import OperatorSettings, operator_command
 
 EXIT_INVALID_SPEC = 2
 EXIT_FAILED = 1
@@ -127,26 +128,15 @@ def crd() -> None:
     sys.stdout.write(render_crd_yaml())
 
 
-@app.command()
-def operator(
-    namespace: Annotated[
-        str | None, typer.Option(help="Watch only this namespace. Default: all namespaces.")
-    ] = None,
-    standalone: Annotated[
-        bool, typer.Option(help="Skip peering (only when exactly one replica runs).")
-    ] = False,
-    metrics_port: Annotated[int, typer.Option(help="Port of /metrics (0: off).")] = 8080,
-    health_port: Annotated[int, typer.Option(help="Port of /healthz (0: off).")] = 8081,
-) -> None:
-    """Run the controller (what the operator Deployment runs)."""
+def start_operator(settings: OperatorSettings) -> None:
+    """Run the controller (kopf and the Kubernetes client load only here)."""
     from ulmfit_operator.handlers import run_operator
 
-    run_operator(
-        namespace=namespace,
-        standalone=standalone,
-        metrics_port=metrics_port,
-        health_port=health_port,
-    )
+    run_operator(settings)
+
+
+# `python -m ulmfit_operator` is this same command: its options are the settings' fields.
+app.command("operator")(operator_command(start_operator))
 
 
 def predict_command(

@@ -1,5 +1,9 @@
 """Runs a Plan on this machine: each stage a subprocess, the same store layout.
 
+Here live `LocalRunner` (runs the stages, follows each one's ``@progress`` lines, a
+``records.StageProgress``, on a progress bar), the run's result (`RunResult`, `run_summary`:
+what ``result.json`` holds) and its table for the console.
+
 The plan's stages run one after another in its (topological) order: co-trained models that a
 cluster runs side by side run here in turn. Training stages run under torchrun; the tune stage
 is one process that starts Ray on the local cores by itself, and its output (the live trial
@@ -35,13 +39,13 @@ from rich.progress import (
 from rich.table import Table
 from ulmfit_trainer.config import StageName
 from ulmfit_trainer.errors import PermanentError, UlmfitError
+from ulmfit_trainer.records import StageProgress, parse_evaluation, parse_progress_line
 from ulmfit_trainer.store import CheckpointStore, StoreError, open_store
 
 from ulmfit_operator.api import ULMFiTJob
 from ulmfit_operator.plan import Plan, PlannedStage, make_plan
 from ulmfit_operator.status import pseudo_label_stats
 
-PROGRESS_PREFIX = "@progress "
 EVALUATION_REPORT = "metrics.json"  # what the evaluate stage stores beside its checkpoint
 LOG_TAIL_LINES = 30
 STOP_GRACE_SECONDS = 15.0
@@ -165,6 +169,7 @@ class LocalRunner:
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         outcomes = [self._run_stage(stage) for stage in self.plan.stages]
         evaluation = outcomes[-1]
+        summary = parse_evaluation(evaluation.metrics)
         result = RunResult(
             job=self.job.run_id,
             workdir=str(self.workdir),
@@ -172,7 +177,7 @@ class LocalRunner:
             stages=outcomes,
             test=evaluation.metrics,
             report=self._evaluation_report(),
-            majority_baseline=evaluation.metrics.get("majorityBaselineAccuracy"),
+            majority_baseline=summary.majority_baseline_accuracy if summary else None,
             model=evaluation.model_uri,
         )
         (self.workdir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -284,29 +289,24 @@ def _follow(
     the log, and with `echo` (the tune stage's trial table) to the console as well."""
     dashboard_shown = False
     for line in stream:
-        if line.startswith(PROGRESS_PREFIX):
-            try:
-                report = json.loads(line[len(PROGRESS_PREFIX) :])
-            except json.JSONDecodeError:
-                report = None
-            if isinstance(report, dict):
-                dashboard = report.get("dashboard")
-                if dashboard and not dashboard_shown:
-                    progress.console.print(f"  Ray dashboard: {dashboard}", highlight=False)
-                    dashboard_shown = True
-                _show(progress, task, report)
-                continue
+        report = parse_progress_line(line)
+        if report is not None:
+            if report.dashboard and not dashboard_shown:
+                progress.console.print(f"  Ray dashboard: {report.dashboard}", highlight=False)
+                dashboard_shown = True
+            _show(progress, task, report)
+            continue
         log.write(line)
         tail.append(line.rstrip("\n"))
         if echo:
             progress.console.print(line.rstrip("\n"), markup=False, highlight=False)
 
 
-def _show(progress: Progress, task: Any, report: dict[str, Any]) -> None:
-    phase = report.get("phase")
-    label = f"{report.get('stage', '')}" + (f" {phase}" if phase not in (None, "") else "")
-    loss = report.get("loss")
-    speed = report.get("tokensPerSecond")
+def _show(progress: Progress, task: Any, report: StageProgress) -> None:
+    phase = report.phase
+    label = report.stage + (f" {phase}" if phase not in (None, "") else "")
+    loss = report.loss
+    speed = report.tokens_per_second
     status = " ".join(
         part
         for part in (
@@ -318,8 +318,8 @@ def _show(progress: Progress, task: Any, report: dict[str, Any]) -> None:
     progress.update(
         task,
         description=label,
-        total=report.get("totalSteps") or None,
-        completed=report.get("step", 0),
+        total=report.total_steps or None,
+        completed=report.step,
         status=status,
     )
 

@@ -27,28 +27,54 @@ The fixed order, as in Kubeflow's controllers:
 Everything derives from the cluster and the store; the status only remembers what is expensive
 to look up again (finished stages' checkpoints) and times, so losing it loses nothing that
 matters.
+
+What reconcile reads lives in `observations`, what it returns in `decisions` (both re-exported
+here), and what it works out per stage (attempts, progress, status entries) in `stages`.
+
+Some 650 lines on purpose: the steps above are one method each of `_Job` (1-3) and `_Context`
+(4-10), in this order, so the fixed order reads top to bottom in one file.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from ulmfit_trainer.config import S3Settings, StageName, TuneBackend
 from ulmfit_trainer.errors import InvalidSpec
+from ulmfit_trainer.records import StageProgress, parse_evaluation
 
 from ulmfit_operator.api import Metadata, StageState, ULMFiTJob, ULMFiTJobSpec, parse_spec
-from ulmfit_operator.plan import TUNE_KEY, Plan, PlannedStage, make_plan
+from ulmfit_operator.children import CONFIGMAP_KIND, RAYJOB_CRD, RAYJOB_KIND, Child, ChildPhase
+from ulmfit_operator.decisions import (
+    Action,
+    CreateObject,
+    Decision,
+    DeleteChild,
+    DeleteJob,
+    Event,
+    StopChild,
+)
+from ulmfit_operator.observations import FinalCheckpoint, NeedStore, Observation, final_checkpoint
+from ulmfit_operator.plan import TUNE_KEY, PlannedStage, make_plan
+from ulmfit_operator.stages import (
+    StageInfo,
+    StageRun,
+    done_entry,
+    failure_detail,
+    progress_text,
+    recorded_final,
+    silent_for,
+    stage_entry,
+    succeeded_events,
+    tune_status,
+)
 from ulmfit_operator.status import (
+    Condition,
     ConditionType,
     JobResult,
     StageStatus,
-    TuneStatus,
-    ULMFiTJobStatus,
-    clear_condition,
     condition_true,
     find_condition,
     format_time,
@@ -58,133 +84,20 @@ from ulmfit_operator.status import (
     set_condition,
 )
 from ulmfit_operator.workloads import (
-    CONFIGMAP_KIND,
     DASHBOARD_PORT,
-    RAYJOB_CRD,
-    RAYJOB_KIND,
-    Child,
-    ChildPhase,
-    ChildRef,
+    Attempt,
     Owner,
-    dashboard_address,
+    child_workload,
     dashboard_service,
-    dashboard_service_name,
-    stage_child,
     stage_config_map,
     tune_backend,
 )
 
-EVENT_MESSAGE_LIMIT = 1000
-"""Kubernetes caps event messages at 1024 bytes; stay under it with room for an ellipsis."""
-
 STOPPED_STALE = "ProgressDeadlineExceeded"
+LM_STAGES = (StageName.PRETRAIN, StageName.FINETUNE)
+"""Listed in status.stages even when disabled (as Skipped), ahead of the planned stages."""
 
-
-# --------------------------------------------------------------------------------- observations
-
-
-@dataclass(frozen=True)
-class FinalCheckpoint:
-    """A stage's committed final checkpoint, as the store holds it."""
-
-    uri: str
-    created_at: datetime | None = None
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    model_uri: str | None = None
-    """Where the stage exported a model, when it says so in its meta (`modelUri`)."""
-    best_params: Mapping[str, float] | None = None
-    """A tune stage's best hyperparameters (its meta's `bestParams`)."""
-
-
-@dataclass(frozen=True)
-class Observation:
-    """Store facts read so far, per stage name; a stage missing from a map was not read."""
-
-    checkpoints: Mapping[str, FinalCheckpoint | None] = field(default_factory=dict)
-    progress: Mapping[str, Mapping[str, Any] | None] = field(default_factory=dict)
-
-    def with_checkpoint(self, stage: str, value: FinalCheckpoint | None) -> Observation:
-        return Observation({**self.checkpoints, stage: value}, self.progress)
-
-    def with_progress(self, stage: str, value: Mapping[str, Any] | None) -> Observation:
-        return Observation(self.checkpoints, {**self.progress, stage: value})
-
-
-@dataclass(frozen=True)
-class NeedStore:
-    """Reconcile needs a store fact: read it, add it to the observation, call again."""
-
-    stage: str
-    what: Literal["checkpoint", "progress"]
-    run: str
-    """`<namespace>/<job>`: where the job's objects live in the store."""
-    s3: S3Settings | None
-
-
-# -------------------------------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True)
-class CreateObject:
-    body: dict[str, Any]
-
-    @property
-    def kind(self) -> str:
-        return str(self.body["kind"])
-
-    @property
-    def name(self) -> str:
-        return str(self.body["metadata"]["name"])
-
-
-@dataclass(frozen=True)
-class DeleteChild:
-    child: ChildRef
-
-
-@dataclass(frozen=True)
-class StopChild:
-    """Suspend a child and mark it failed (its pods go, the object stays as the record)."""
-
-    child: ChildRef
-    reason: str
-    resource_version: str = ""
-
-
-@dataclass(frozen=True)
-class DeleteJob:
-    """The job's TTL after finishing has passed: delete it (children follow by ownership)."""
-
-
-Action = CreateObject | DeleteChild | StopChild | DeleteJob
-
-
-@dataclass(frozen=True)
-class Event:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-    def __post_init__(self) -> None:
-        if len(self.message) > EVENT_MESSAGE_LIMIT:
-            object.__setattr__(self, "message", self.message[: EVENT_MESSAGE_LIMIT - 3] + "...")
-
-
-@dataclass(frozen=True)
-class Decision:
-    actions: tuple[Action, ...] = ()
-    status: dict[str, Any] | None = None
-    """The whole new status when it differs from the old one; None: leave it alone."""
-    events: tuple[Event, ...] = ()
-    requeue_after: float | None = None
-    """Look again after this many seconds (a deadline or TTL falls due), besides the resync."""
-    state: str = "Pending"
-    """Summary for metrics: Pending, Running, Suspended, Succeeded, Failed."""
-    completed_stages: tuple[tuple[str, float], ...] = ()
-    """Stages that finished in this decision, with their duration in seconds."""
-
-
-# ------------------------------------------------------------------------------------ reconcile
+_Step = Callable[[], Decision | NeedStore | None]
 
 
 def reconcile(
@@ -195,55 +108,24 @@ def reconcile(
     *,
     rayjob_available: bool = False,
 ) -> Decision | NeedStore:
-    """Decide; see the module docstring for the order of the checks.
+    """Decide; see the module docstring for the order of the steps.
 
     `rayjob_available`: the RayJob CRD is installed (a tune stage with backend `auto` then runs
     as a KubeRay RayJob)."""
-    meta = job.get("metadata") or {}
-    if meta.get("deletionTimestamp"):
+    # 1. a job being deleted is left alone
+    if (job.get("metadata") or {}).get("deletionTimestamp"):
         return Decision(state="Deleting")
-    ctx = _Context(job, children, now)
-
+    seen = _Job(job, children, now)
     # 2. validate
     try:
         spec, s3 = _validated(job.get("spec") or {})
     except InvalidSpec as error:
-        return ctx.invalid(error)
-    ctx.s3 = s3
-    plan = make_plan(
-        ULMFiTJob.model_validate(
-            {"metadata": Metadata(name=ctx.name, namespace=ctx.namespace), "spec": spec}
-        ),
-        store_root=s3.root,
-        s3=s3,
-    )
-
+        return seen.invalid(error)
     # 3. finished
-    if ctx.finished:
-        return ctx.after_finish(spec)
-
-    # 4. walk the plan: a stage whose dependencies are all done is either done or ready
-    done: dict[str, FinalCheckpoint] = {}
-    for stage in plan.stages:
-        if any(dep not in done for dep in stage.depends_on):
-            continue
-        cached = ctx.old_stage(stage.name)
-        if cached is not None and cached.state == StageState.SUCCEEDED and cached.checkpoint:
-            done[stage.name] = FinalCheckpoint(
-                uri=cached.checkpoint,
-                created_at=parse_time(cached.completion_time),
-                metrics=dict(cached.metrics),
-            )
-            continue
-        if stage.name not in observation.checkpoints:
-            return NeedStore(stage.name, "checkpoint", plan.run, s3)
-        final = observation.checkpoints[stage.name]
-        if final is not None and ctx.fresh(final):
-            done[stage.name] = final
-    ready = plan.ready(done)
-    if not ready:
-        return ctx.succeeded(plan, spec, done)
-    return ctx.run_stages(plan, spec, ready, done, observation, rayjob_available)
+    if seen.finished:
+        return seen.after_finish(spec.run_policy.ttl_seconds_after_finished)
+    # 4. to 10.
+    return _Context(seen, spec, s3, observation, rayjob_available).run()
 
 
 def _validated(raw_spec: Mapping[str, Any]) -> tuple[ULMFiTJobSpec, S3Settings]:
@@ -255,11 +137,12 @@ def _validated(raw_spec: Mapping[str, Any]) -> tuple[ULMFiTJobSpec, S3Settings]:
     return spec, spec.storage.s3
 
 
-# ---------------------------------------------------------------------------------- the context
+# -------------------------------------------------------------------------------------- the job
 
 
-class _Context:
-    """One reconcile's inputs and the status being built."""
+class _Job:
+    """The job as one reconcile sees it (metadata, old status, its own children, the clock) and
+    the decision taking shape: the new status, the actions and the events."""
 
     def __init__(self, job: Mapping[str, Any], children: Sequence[Child], now: datetime):
         meta = job.get("metadata") or {}
@@ -270,14 +153,18 @@ class _Context:
         self.created = parse_time(meta.get("creationTimestamp"))
         self.now = now
         self.owner = Owner(self.name, self.namespace, self.uid)
-        self.raw_status = job.get("status") if isinstance(job.get("status"), dict) else {}
-        self.old = read_status(self.raw_status)
+        raw_status = job.get("status")
+        self.old = read_status(raw_status)
+        # The old status as we would have written it (unknown fields dropped), to compare with.
+        self.old_wire = self.old.to_wire() if isinstance(raw_status, dict) and raw_status else {}
         # Only our own children: a leftover with the same name from an earlier job of the same
         # name (another uid) is not ours to count or delete.
         self.children = [c for c in children if not self.uid or c.owner_uid == self.uid]
-        self.s3: S3Settings | None = None
+        self.status = self.old.model_copy(deep=True)
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
 
-    # -- reading the old status
+    # -- reading what was seen
 
     @property
     def finished(self) -> bool:
@@ -295,700 +182,466 @@ class _Context:
             return True
         return final.created_at >= self.created
 
-    def active_children(self) -> list[Child]:
-        return [c for c in self.children if c.active]
+    # -- shaping the decision
 
-    # -- assembling the decision
+    def delete_active(self) -> None:
+        self.actions.extend(DeleteChild(child.ref) for child in self.children if child.active)
+
+    def set_condition(self, kind: ConditionType, holds: bool, reason: str, message: str) -> None:
+        condition = Condition(
+            type=kind,
+            status="True" if holds else "False",
+            reason=reason,
+            message=message,
+            last_transition_time=format_time(self.now),
+            observed_generation=self.generation,
+        )
+        self.status.conditions = set_condition(self.status.conditions, condition)
+
+    def clear_condition(self, kind: ConditionType, reason: str, message: str) -> None:
+        """Set `kind` to False, but only when it is there: absent conditions stay absent."""
+        if find_condition(self.status.conditions, kind) is not None:
+            self.set_condition(kind, False, reason, message)
 
     def decide(
         self,
-        status: ULMFiTJobStatus,
-        *,
-        actions: Sequence[Action] = (),
-        events: Sequence[Event] = (),
-        requeue_after: float | None = None,
         state: str,
+        requeue_after: float | None = None,
         completed: Sequence[tuple[str, float]] = (),
     ) -> Decision:
-        status.observed_generation = self.generation
-        new = status.to_wire()
-        changed = new != self._comparable_old()
+        self.status.observed_generation = self.generation
+        new = self.status.to_wire()
         return Decision(
-            actions=tuple(actions),
-            status=new if changed else None,
-            events=tuple(events),
+            actions=tuple(self.actions),
+            status=new if new != self.old_wire else None,
+            events=tuple(self.events),
             requeue_after=requeue_after,
             state=state,
             completed_stages=tuple(completed),
         )
 
-    def _comparable_old(self) -> dict[str, Any]:
-        """The old status as we would have written it (unknown fields dropped)."""
-        return self.old.to_wire() if self.raw_status else {}
-
-    def delete_active(self, only: Sequence[Child] | None = None) -> list[Action]:
-        targets = self.active_children() if only is None else only
-        return [DeleteChild(child.ref) for child in targets]
-
     # -- 2. invalid spec
 
     def invalid(self, error: InvalidSpec) -> Decision:
-        status = self.old.model_copy(deep=True)
         message = str(error)
-        previous = find_condition(status.conditions, ConditionType.FAILED)
-        events: list[Event] = []
+        previous = find_condition(self.status.conditions, ConditionType.FAILED)
         if previous is None or previous.status != "True" or previous.message != message:
-            events.append(Event("Warning", "InvalidSpec", message))
-        status.conditions = set_condition(
-            status.conditions,
-            ConditionType.FAILED,
-            True,
-            "InvalidSpec",
-            message,
-            self.now,
-            self.generation,
-        )
-        status.conditions = clear_condition(
-            status.conditions,
-            ConditionType.RUNNING,
-            "InvalidSpec",
-            message,
-            self.now,
-            self.generation,
-        )
-        status.progress = "Failed: InvalidSpec"
-        status.completion_time = status.completion_time or format_time(self.now)
-        return self.decide(status, actions=self.delete_active(), events=events, state="Failed")
+            self.events.append(Event("Warning", "InvalidSpec", message))
+        self.set_condition(ConditionType.FAILED, True, "InvalidSpec", message)
+        self.clear_condition(ConditionType.RUNNING, "InvalidSpec", message)
+        self.status.progress = "Failed: InvalidSpec"
+        self.status.completion_time = self.status.completion_time or format_time(self.now)
+        self.delete_active()
+        return self.decide("Failed")
 
     # -- 3. finished jobs: clean up and wait for the TTL
 
-    def after_finish(self, spec: ULMFiTJobSpec) -> Decision:
-        actions: list[Action] = []
-        if condition_true(self.old.conditions, ConditionType.FAILED):
-            actions.extend(self.delete_active())
-            state = "Failed"
-        else:
-            state = "Succeeded"
-        ttl = spec.run_policy.ttl_seconds_after_finished
+    def after_finish(self, ttl: int | None) -> Decision:
+        failed = condition_true(self.old.conditions, ConditionType.FAILED)
+        if failed:
+            self.delete_active()
         requeue = None
         if ttl is not None:
             finished_at = parse_time(self.old.completion_time) or self.now
             remaining = (finished_at + timedelta(seconds=ttl) - self.now).total_seconds()
             if remaining <= 0:
-                actions.append(DeleteJob())
+                self.actions.append(DeleteJob())
             else:
                 requeue = remaining
-        status = self.old.model_copy(deep=True)
-        return self.decide(status, actions=actions, requeue_after=requeue, state=state)
+        return self.decide("Failed" if failed else "Succeeded", requeue)
 
-    # -- 4. all stages done
 
-    def succeeded(
-        self, plan: Plan, spec: ULMFiTJobSpec, done: Mapping[str, FinalCheckpoint]
-    ) -> Decision:
-        status = self.old.model_copy(deep=True)
-        stages, completed = self.stage_statuses(plan, done, {})
-        status.stages = stages
-        self.note_tune(status, plan, done)
-        evaluate = done.get(StageName.EVALUATE)
-        classifier = done.get(StageName.CLASSIFIER)
+# ---------------------------------------------------------------------------------- the context
+
+
+class _Context:
+    """Steps 4 to 10 for a valid job that has not finished: the plan, the stages done, the ready
+    stages and their attempts. The status, actions and events it decides go to `job`."""
+
+    def __init__(
+        self,
+        job: _Job,
+        spec: ULMFiTJobSpec,
+        s3: S3Settings,
+        observation: Observation,
+        rayjob_available: bool,
+    ):
+        self.job = job
+        self.spec = spec
+        self.policy = spec.run_policy
+        self.s3 = s3
+        self.observation = observation
+        self.rayjob_available = rayjob_available
+        self.plan = make_plan(
+            ULMFiTJob.model_validate(
+                {"metadata": Metadata(name=job.name, namespace=job.namespace), "spec": spec}
+            ),
+            store_root=s3.root,
+            s3=s3,
+        )
+        self.status = job.status
+        self.done: dict[str, FinalCheckpoint] = {}
+        self.ready: list[PlannedStage] = []
+        self.runs: dict[str, StageRun] = {}
+        """The attempts of each ready stage."""
+        self.progress: dict[str, StageProgress | None] = {}
+        """The progress of each ready stage with a running attempt."""
+        self.requeue: list[float] = []
+        """When a deadline falls due (seconds from now)."""
+        self.completed: list[tuple[str, float]] = []
+        """Stages finished since the old status, with their duration."""
+
+    def run(self) -> Decision | NeedStore:
+        """Steps 4 to 10 in order; a step that settles the reconcile returns its answer."""
+        need = self.walk_plan()
+        if need is not None:
+            return need
+        self.note_tune()
+        if not self.ready:
+            return self.succeeded()
+        self.runs = {stage.name: StageRun.of(self.job.children, stage.name) for stage in self.ready}
+        steps: tuple[_Step, ...] = (
+            self.suspend_or_resume,
+            self.active_deadline,
+            self.backoff_limit,
+            self.watch_progress,
+            self.start_attempts,
+        )
+        for step in steps:
+            answer = step()
+            if answer is not None:
+                return answer
+        return self.running()
+
+    @property
+    def ready_names(self) -> str:
+        return ", ".join(stage.name for stage in self.ready)
+
+    # -- 4. walk the plan
+
+    def walk_plan(self) -> NeedStore | None:
+        """A stage whose dependencies are all done is either done (the status recorded its final
+        checkpoint, or the store holds one made after the job was created) or ready."""
+        for stage in self.plan.stages:
+            if any(dep not in self.done for dep in stage.depends_on):
+                continue
+            recorded = recorded_final(self.job.old_stage(stage.name))
+            if recorded is not None:
+                self.done[stage.name] = recorded
+                continue
+            if stage.name not in self.observation.checkpoints:
+                return NeedStore(stage.name, "checkpoint", self.plan.run, self.s3)
+            final = self.observation.checkpoints[stage.name]
+            if final is not None and self.job.fresh(final):
+                self.done[stage.name] = final
+        self.ready = self.plan.ready(self.done)
+        return None
+
+    def note_tune(self) -> None:
+        """Record the sweep's best parameters once its final checkpoint has been read."""
+        final = self.done.get(TUNE_KEY)
+        if final is None or final.best_params is None or not self.plan.has(StageName.TUNE):
+            return
+        tune = self.status.tune or tune_status(
+            self.job.owner,
+            TuneBackend.RAYJOB
+            if any(c.kind == RAYJOB_KIND for c in self.job.children if c.stage == TUNE_KEY)
+            else TuneBackend.POD,
+        )
+        self.status.tune = tune.model_copy(update={"best_params": dict(final.best_params)})
+
+    def succeeded(self) -> Decision:
+        """No stage is ready: all are done."""
+        self.write_stages({})
+        evaluate = self.done.get(StageName.EVALUATE)
+        classifier = self.done.get(StageName.CLASSIFIER)
         model_uri = (evaluate.model_uri if evaluate else None) or (
             classifier.uri if classifier else None
         )
-        status.result = JobResult(
+        self.status.result = JobResult(
             model_uri=model_uri,
             test_metrics=dict(evaluate.metrics) if evaluate else {},
-            best_params=status.tune.best_params if status.tune else None,
+            best_params=self.status.tune.best_params if self.status.tune else None,
             pseudo_labels=pseudo_label_stats(classifier.metrics) if classifier else None,
         )
-        status.current_stage = plan.stages[-1].name
-        ended = evaluate.created_at if evaluate and evaluate.created_at else self.now
-        accuracy = status.result.test_metrics.get("accuracy")
-        summary = f"all {len(plan.stages)} stages succeeded; model at {model_uri}"
-        if accuracy is not None:
-            summary += f"; test accuracy {accuracy:.4f}"
-            baseline = status.result.test_metrics.get("majorityBaseline")
-            if baseline is not None:
-                summary += f" (majority baseline {baseline:.4f})"
-        return self.finish(
-            status,
-            spec,
-            ConditionType.SUCCEEDED,
-            "Succeeded",
-            summary,
-            ended_at=ended,
-            completed=completed,
-        )
-
-    def finish(
-        self,
-        status: ULMFiTJobStatus,
-        spec: ULMFiTJobSpec,
-        outcome: Literal[ConditionType.SUCCEEDED, ConditionType.FAILED],
-        reason: str,
-        message: str,
-        *,
-        ended_at: datetime | None = None,
-        events: Sequence[Event] = (),
-        actions: Sequence[Action] = (),
-        completed: Sequence[tuple[str, float]] = (),
-    ) -> Decision:
-        """The job's end: the summary condition, Running cleared, the TTL clock started."""
-        failed = outcome == ConditionType.FAILED
-        status.progress = f"Failed: {reason}" if failed else "Succeeded"
-        status.completion_time = status.completion_time or format_time(ended_at or self.now)
-        status.conditions = set_condition(
-            status.conditions, outcome, True, reason, message, self.now, self.generation
-        )
-        status.conditions = clear_condition(
-            status.conditions, ConditionType.RUNNING, reason, message, self.now, self.generation
-        )
-        ttl = spec.run_policy.ttl_seconds_after_finished
-        return self.decide(
-            status,
-            actions=[*actions, *self.delete_active()] if failed else actions,
-            events=[
-                *self.stage_events(status),
-                *events,
-                Event("Warning" if failed else "Normal", reason, message),
-            ],
-            requeue_after=float(ttl) if ttl is not None else None,
-            state="Failed" if failed else "Succeeded",
-            completed=completed,
-        )
-
-    # -- 5..10. the ready stages
-
-    def run_stages(
-        self,
-        plan: Plan,
-        spec: ULMFiTJobSpec,
-        ready: Sequence[PlannedStage],
-        done: Mapping[str, FinalCheckpoint],
-        observation: Observation,
-        rayjob_available: bool,
-    ) -> Decision | NeedStore:
-        policy = spec.run_policy
-        status = self.old.model_copy(deep=True)
-        self.note_tune(status, plan, done)
-        runs = {stage.name: self.attempts_of(stage) for stage in ready}
-        names = ", ".join(stage.name for stage in ready)
-        actions: list[Action] = []
-        events: list[Event] = []
-        requeue: list[float] = []
-        suspended_before = condition_true(status.conditions, ConditionType.SUSPENDED)
-
-        # 5. suspend / resume
-        if policy.suspend:
-            actions.extend(self.delete_active())
-            message = "suspended: running children deleted, checkpoints kept"
-            status.conditions = set_condition(
-                status.conditions,
-                ConditionType.SUSPENDED,
-                True,
-                "Suspended",
-                message,
-                self.now,
-                self.generation,
+        self.status.current_stage = self.plan.stages[-1].name
+        summary = f"all {len(self.plan.stages)} stages succeeded; model at {model_uri}"
+        evaluation = parse_evaluation(dict(evaluate.metrics)) if evaluate else None
+        if evaluation is not None:
+            summary += (
+                f"; test accuracy {evaluation.accuracy:.4f} "
+                f"(majority baseline {evaluation.majority_baseline_accuracy:.4f})"
             )
-            status.conditions = clear_condition(
-                status.conditions,
-                ConditionType.RUNNING,
-                "Suspended",
-                message,
-                self.now,
-                self.generation,
-            )
-            status.current_stage = _current(ready)
-            status.progress = "Suspended"
-            infos = {
-                name: run.info(StageState.PENDING, message="suspended")
-                for name, run in runs.items()
-            }
-            status.stages, completed = self.stage_statuses(plan, done, infos)
-            if not suspended_before:
-                events.append(Event("Normal", "Suspended", f"job suspended at stage {names}"))
-            return self.decide(
-                status,
-                actions=actions,
-                events=self.stage_events(status) + events,
-                state="Suspended",
-                completed=completed,
-            )
+        ended = evaluate.created_at if evaluate and evaluate.created_at else self.job.now
+        return self.finish(ConditionType.SUCCEEDED, "Succeeded", summary, ended)
+
+    # -- 5. suspend and resume
+
+    def suspend_or_resume(self) -> Decision | None:
+        suspended_before = condition_true(self.status.conditions, ConditionType.SUSPENDED)
+        if self.policy.suspend:
+            return self.suspend(announce=not suspended_before)
         if suspended_before:
-            status.conditions = set_condition(
-                status.conditions,
-                ConditionType.SUSPENDED,
-                False,
-                "Resumed",
-                f"resumed at stage {names}",
-                self.now,
-                self.generation,
+            names = self.ready_names
+            self.job.set_condition(
+                ConditionType.SUSPENDED, False, "Resumed", f"resumed at stage {names}"
             )
-            status.start_time = format_time(self.now)  # the active deadline restarts, as for Jobs
-            events.append(Event("Normal", "Resumed", f"job resumed at stage {names}"))
+            self.status.start_time = format_time(self.job.now)  # the active deadline restarts
+            self.job.events.append(Event("Normal", "Resumed", f"job resumed at stage {names}"))
+        return None
 
-        start = parse_time(status.start_time) or self.created or self.now
-        if status.start_time is None:
-            status.start_time = format_time(start)
+    def suspend(self, announce: bool) -> Decision:
+        """Delete the running children; the checkpoints stay, so resuming goes on from them."""
+        message = "suspended: running children deleted, checkpoints kept"
+        self.job.delete_active()
+        self.job.set_condition(ConditionType.SUSPENDED, True, "Suspended", message)
+        self.job.clear_condition(ConditionType.RUNNING, "Suspended", message)
+        self.status.current_stage = _current(self.ready)
+        self.status.progress = "Suspended"
+        self.write_stages(
+            {name: run.info(StageState.PENDING, "suspended") for name, run in self.runs.items()}
+        )
+        if announce:
+            self.job.events.append(
+                Event("Normal", "Suspended", f"job suspended at stage {self.ready_names}")
+            )
+        return self.decide("Suspended")
 
-        # 6. active deadline
-        if policy.active_deadline_seconds is not None:
-            elapsed = (self.now - start).total_seconds()
-            left = policy.active_deadline_seconds - elapsed
-            if left <= 0:
-                return self.fail(
-                    status,
-                    plan,
-                    spec,
-                    done,
-                    runs,
-                    set(runs),
-                    "DeadlineExceeded",
-                    f"job was active longer than activeDeadlineSeconds="
-                    f"{policy.active_deadline_seconds} (at stage {names})",
-                    events,
-                )
-            requeue.append(left)
+    # -- 6. active deadline
 
-        # 7. backoff limit, per stage
-        for name, run in runs.items():
-            if len(run.failed) > policy.backoff_limit:
+    def active_deadline(self) -> Decision | None:
+        """Counted from status.startTime (set here when the job first runs, reset on resume)."""
+        start = parse_time(self.status.start_time) or self.job.created or self.job.now
+        if self.status.start_time is None:
+            self.status.start_time = format_time(start)
+        limit = self.policy.active_deadline_seconds
+        if limit is None:
+            return None
+        left = limit - (self.job.now - start).total_seconds()
+        if left > 0:
+            self.requeue.append(left)
+            return None
+        return self.fail(
+            set(self.runs),
+            "DeadlineExceeded",
+            f"job was active longer than activeDeadlineSeconds={limit} "
+            f"(at stage {self.ready_names})",
+        )
+
+    # -- 7. backoff limit, per stage
+
+    def backoff_limit(self) -> Decision | None:
+        for name, run in self.runs.items():
+            if len(run.failed) > self.policy.backoff_limit:
                 last = run.failed[-1]
-                detail = last.message or (
-                    f"stopped: {last.stopped}"
-                    if last.stopped
-                    else "succeeded without a final checkpoint in the store"
-                    if last.phase == ChildPhase.SUCCEEDED
-                    else "failed"
-                )
-                return self.backoff_exceeded(
-                    status, plan, spec, done, runs, name, last.name, detail, events
-                )
+                return self.backoff_exceeded(name, last.name, failure_detail(last))
+        return None
 
-        # 8. progress watchdog, per stage
-        progress: dict[str, Mapping[str, Any] | None] = {}
-        for name, run in runs.items():
-            running = next((c for c in reversed(run.active) if c.phase == ChildPhase.RUNNING), None)
+    def backoff_exceeded(self, name: str, attempt: str, detail: str) -> Decision:
+        """Fail the job: stage `name` used up `backoffLimit`; `attempt` failed last (`detail`)."""
+        message = (
+            f"stage {name} failed {len(self.runs[name].failed)} times (backoffLimit "
+            f"{self.policy.backoff_limit}); last attempt {attempt}: {detail}"
+        )
+        return self.fail({name}, "BackoffLimitExceeded", message)
+
+    # -- 8. progress watchdog, per stage
+
+    def watch_progress(self) -> Decision | NeedStore | None:
+        """A running attempt that made no progress for progressDeadlineSeconds is stopped: a
+        failed attempt, which may use up the backoff limit."""
+        deadline = self.policy.progress_deadline_seconds
+        for name, run in self.runs.items():
+            running = run.running
             if running is None:
                 continue
-            if name not in observation.progress:
-                return NeedStore(name, "progress", plan.run, self.s3)
-            progress[name] = observation.progress[name]
-            signs = [
-                t
-                for t in (
-                    running.created,
-                    running.started,
-                    _progress_time(progress[name], running.created),
-                )
-                if t is not None
-            ]
-            stale_for = (self.now - max(signs)).total_seconds() if signs else 0.0
-            deadline = policy.progress_deadline_seconds
-            if stale_for <= deadline:
-                requeue.append(deadline - stale_for)
+            if name not in self.observation.progress:
+                return NeedStore(name, "progress", self.plan.run, self.s3)
+            self.progress[name] = self.observation.progress[name]
+            silent = silent_for(running, self.progress[name], self.job.now)
+            if silent <= deadline:
+                self.requeue.append(deadline - silent)
                 continue
-            actions.append(StopChild(running.ref, STOPPED_STALE, running.resource_version))
-            events.append(
-                Event(
-                    "Warning",
-                    STOPPED_STALE,
-                    f"stage {name} attempt {running.attempt} ({running.name}) made no "
-                    f"progress for {int(stale_for)}s (progressDeadlineSeconds {deadline}); "
-                    "stopping it, the next attempt resumes from the latest checkpoint",
-                )
-            )
-            run.active = [c for c in run.active if c is not running]
-            run.failed = [*run.failed, running]
-            run.stopped_now = True
-            if len(run.failed) > policy.backoff_limit:
-                return self.backoff_exceeded(
-                    status, plan, spec, done, runs, name, running.name,
-                    f"no progress for {int(stale_for)}s", events, actions,
-                )  # fmt: skip
+            self.stop_stalled(name, running, silent)
+            if len(run.failed) > self.policy.backoff_limit:
+                return self.backoff_exceeded(name, running.name, f"no progress for {int(silent)}s")
+        return None
 
-        # 9. exactly one child per ready stage
-        for stage in ready:
-            run = runs[stage.name]
+    def stop_stalled(self, name: str, child: Child, silent: float) -> None:
+        self.job.actions.append(StopChild(child.ref, STOPPED_STALE, child.resource_version))
+        self.job.events.append(
+            Event(
+                "Warning",
+                STOPPED_STALE,
+                f"stage {name} attempt {child.attempt} ({child.name}) made no progress for "
+                f"{int(silent)}s (progressDeadlineSeconds {self.policy.progress_deadline_seconds}"
+                "); stopping it, the next attempt resumes from the latest checkpoint",
+            )
+        )
+        self.runs[name].stop(child)
+
+    # -- 9. exactly one child per ready stage
+
+    def start_attempts(self) -> Decision | None:
+        for stage in self.ready:
+            run = self.runs[stage.name]
             # Should an extra attempt exist, only the newest stays.
             if len(run.active) > 1:
-                actions.extend(DeleteChild(c.ref) for c in run.active[:-1])
+                self.job.actions.extend(DeleteChild(c.ref) for c in run.active[:-1])
                 run.active = run.active[-1:]
             if run.active or run.stopped_now:
                 continue
-            backend = TuneBackend.POD
-            if stage.kind == StageName.TUNE:
-                backend = tune_backend(stage, rayjob_available)
-                if backend == TuneBackend.RAYJOB and not rayjob_available:
-                    return self.fail(
-                        status,
-                        plan,
-                        spec,
-                        done,
-                        runs,
-                        {stage.name},
-                        "RayJobUnavailable",
-                        "spec.stages.tune.backend is rayjob, but the RayJob CRD "
-                        f"({RAYJOB_CRD}) was not installed when the operator started; install "
-                        "KubeRay and restart the operator, or use backend pod",
-                        events,
-                        actions,
-                    )
-            run.attempt += 1
-            source = done.get(stage.init_from) if stage.init_from else None
-            init = source.uri if source is not None else None
-            body = stage_child(self.owner, stage, spec, run.attempt, init, backend=backend)
-            run.child = body["metadata"]["name"]
-            actions.append(
-                CreateObject(stage_config_map(self.owner, run.child, stage, run.attempt))
-            )
-            actions.append(CreateObject(body))
-            note = f", starting from {init}" if init else ""
-            if run.failed:
-                note += f" (retry {len(run.failed)} of {policy.backoff_limit})"
-            if stage.kind == StageName.TUNE:
-                actions.append(CreateObject(dashboard_service(self.owner)))
-                tune = self.tune_status(backend)
-                status.tune = tune.model_copy(
-                    update={"best_params": status.tune.best_params if status.tune else None}
-                )
-                note += (
-                    f"; Ray dashboard at {tune.dashboard}; to open it at "
-                    f"http://localhost:{DASHBOARD_PORT}, run: {tune.port_forward}"
-                )
-            events.append(
-                Event(
-                    "Normal",
-                    "StageStarted",
-                    f"stage {stage.name} attempt {run.attempt}: created {body['kind']} "
-                    f"{run.child}{note}",
-                )
-            )
+            failed = self.start_attempt(stage, run)
+            if failed is not None:
+                return failed
+        return None
 
-        # 10. status
-        infos = {}
-        for name, run in runs.items():
-            state = (
+    def start_attempt(self, stage: PlannedStage, run: StageRun) -> Decision | None:
+        """Create the stage's next attempt (and a tune stage's dashboard Service)."""
+        backend = TuneBackend.POD
+        if stage.kind == StageName.TUNE:
+            backend = tune_backend(stage, self.rayjob_available)
+        if backend == TuneBackend.RAYJOB and not self.rayjob_available:
+            return self.fail(
+                {stage.name},
+                "RayJobUnavailable",
+                "spec.stages.tune.backend is rayjob, but the RayJob CRD "
+                f"({RAYJOB_CRD}) was not installed when the operator started; install "
+                "KubeRay and restart the operator, or use backend pod",
+            )
+        run.attempt += 1
+        source = self.done.get(stage.init_from) if stage.init_from else None
+        init = source.uri if source is not None else None
+        body = child_workload(Attempt(self.job.owner, stage, self.spec, run.attempt, init), backend)
+        run.child = body["metadata"]["name"]
+        config_map = stage_config_map(self.job.owner, run.child, stage, run.attempt)
+        self.job.actions.extend([CreateObject(config_map), CreateObject(body)])
+        note = f", starting from {init}" if init else ""
+        if run.failed:
+            note += f" (retry {len(run.failed)} of {self.policy.backoff_limit})"
+        if stage.kind == StageName.TUNE:
+            note += self.start_dashboard(backend)
+        self.job.events.append(
+            Event(
+                "Normal",
+                "StageStarted",
+                f"stage {stage.name} attempt {run.attempt}: created {body['kind']} "
+                f"{run.child}{note}",
+            )
+        )
+        return None
+
+    def start_dashboard(self, backend: TuneBackend) -> str:
+        """The tune stage's dashboard Service and status.tune; returns where to find it."""
+        self.job.actions.append(CreateObject(dashboard_service(self.job.owner)))
+        tune = tune_status(self.job.owner, backend)
+        self.status.tune = tune.model_copy(
+            update={"best_params": self.status.tune.best_params if self.status.tune else None}
+        )
+        return (
+            f"; Ray dashboard at {tune.dashboard}; to open it at "
+            f"http://localhost:{DASHBOARD_PORT}, run: {tune.port_forward}"
+        )
+
+    # -- 10. status and events
+
+    def running(self) -> Decision:
+        infos = {
+            name: run.info(
                 StageState.RUNNING
                 if any(c.phase == ChildPhase.RUNNING for c in run.active)
                 else StageState.PENDING
             )
-            infos[name] = run.info(state, message=_last_failure(run.failed))
-        status.stages, completed = self.stage_statuses(plan, done, infos)
-        status.current_stage = _current(ready)
-        status.progress = "; ".join(
-            _progress_text(name, infos[name].state, runs[name].attempt, progress.get(name))
-            for name in runs
+            for name, run in self.runs.items()
+        }
+        self.write_stages(infos)
+        self.status.current_stage = _current(self.ready)
+        self.status.progress = "; ".join(
+            progress_text(name, infos[name].state, run.attempt, self.progress.get(name))
+            for name, run in self.runs.items()
         )
-        if len(ready) == 1:
-            [only] = ready
-            message = f"stage {only.name} ({plan.names.index(only.name) + 1}/{len(plan.stages)})"
-            message += f", attempt {runs[only.name].attempt}"
+        if len(self.ready) == 1:
+            [only] = self.ready
+            message = (
+                f"stage {only.name} ({self.plan.names.index(only.name) + 1}/"
+                f"{len(self.plan.stages)}), attempt {self.runs[only.name].attempt}"
+            )
         else:
-            message = f"stages {names} at once ({len(done)}/{len(plan.stages)} done)"
-        status.conditions = set_condition(
-            status.conditions,
-            ConditionType.RUNNING,
-            True,
-            "StageRunning",
-            message,
-            self.now,
-            self.generation,
-        )
-        return self.decide(
-            status,
-            actions=actions,
-            events=self.stage_events(status) + events,
-            requeue_after=min(requeue) if requeue else None,
-            state="Running",
-            completed=completed,
-        )
+            message = (
+                f"stages {self.ready_names} at once ({len(self.done)}/{len(self.plan.stages)} done)"
+            )
+        self.job.set_condition(ConditionType.RUNNING, True, "StageRunning", message)
+        return self.decide("Running", min(self.requeue) if self.requeue else None)
 
-    def backoff_exceeded(
-        self,
-        status: ULMFiTJobStatus,
-        plan: Plan,
-        spec: ULMFiTJobSpec,
-        done: Mapping[str, FinalCheckpoint],
-        runs: Mapping[str, _StageRun],
-        name: str,
-        attempt: str,
-        detail: str,
-        events: Sequence[Event],
-        actions: Sequence[Action] = (),
-    ) -> Decision:
-        """Fail the job: stage `name` used up `backoffLimit`; `attempt` failed last (`detail`)."""
-        message = (
-            f"stage {name} failed {len(runs[name].failed)} times (backoffLimit "
-            f"{spec.run_policy.backoff_limit}); last attempt {attempt}: {detail}"
+    def fail(self, failing: set[str], reason: str, message: str) -> Decision:
+        """Fail the job: the `failing` stages are Failed (with `message`), the other ready
+        stages Pending."""
+        self.write_stages(
+            {
+                name: run.info(StageState.FAILED, message)
+                if name in failing
+                else run.info(StageState.PENDING)
+                for name, run in self.runs.items()
+            }
         )
-        return self.fail(
-            status, plan, spec, done, runs, {name}, "BackoffLimitExceeded", message, events, actions
-        )
+        self.status.current_stage = ", ".join(name for name in self.runs if name in failing)
+        return self.finish(ConditionType.FAILED, reason, message)
 
-    def fail(
+    def finish(
         self,
-        status: ULMFiTJobStatus,
-        plan: Plan,
-        spec: ULMFiTJobSpec,
-        done: Mapping[str, FinalCheckpoint],
-        runs: Mapping[str, _StageRun],
-        failing: set[str],
+        outcome: Literal[ConditionType.SUCCEEDED, ConditionType.FAILED],
         reason: str,
         message: str,
-        events: Sequence[Event] = (),
-        actions: Sequence[Action] = (),
+        ended_at: datetime | None = None,
     ) -> Decision:
-        infos = {
-            name: run.info(
-                StageState.FAILED if name in failing else StageState.PENDING,
-                message=message if name in failing else _last_failure(run.failed),
-            )
-            for name, run in runs.items()
-        }
-        status.stages, completed = self.stage_statuses(plan, done, infos)
-        status.current_stage = ", ".join(name for name in runs if name in failing)
-        return self.finish(
-            status,
-            spec,
-            ConditionType.FAILED,
-            reason,
-            message,
-            events=events,
-            actions=actions,
-            completed=completed,
+        """The job's end: the summary condition, Running cleared, the TTL clock started."""
+        failed = outcome == ConditionType.FAILED
+        self.status.progress = f"Failed: {reason}" if failed else "Succeeded"
+        self.status.completion_time = self.status.completion_time or format_time(
+            ended_at or self.job.now
+        )
+        self.job.set_condition(outcome, True, reason, message)
+        self.job.clear_condition(ConditionType.RUNNING, reason, message)
+        if failed:
+            self.job.delete_active()
+        self.job.events.append(Event("Warning" if failed else "Normal", reason, message))
+        ttl = self.policy.ttl_seconds_after_finished
+        return self.decide(
+            "Failed" if failed else "Succeeded", float(ttl) if ttl is not None else None
         )
 
-    # -- per-stage attempts and the tune stage
+    def decide(self, state: str, requeue_after: float | None = None) -> Decision:
+        """The decision, with a StageSucceeded event ahead of the others for each stage that
+        succeeded since the old status."""
+        self.job.events = [*succeeded_events(self.job.old, self.status), *self.job.events]
+        return self.job.decide(state, requeue_after, self.completed)
 
-    def attempts_of(self, stage: PlannedStage) -> _StageRun:
-        mine = sorted((c for c in self.children if c.stage == stage.name), key=lambda c: c.attempt)
-        latest = mine[-1] if mine else None
-        return _StageRun(
-            latest=latest,
-            # Reaching here means the store holds no final checkpoint for the stage, so a child
-            # that reports success did not really finish: it counts as failed, like a failed one.
-            failed=[
-                c
-                for c in mine
-                if c.stopped is not None or c.phase in (ChildPhase.FAILED, ChildPhase.SUCCEEDED)
-            ],
-            active=[c for c in mine if c.active],
-            attempt=latest.attempt if latest else 0,
-            child=latest.name if latest else None,
-        )
+    # -- status.stages
 
-    def tune_status(self, backend: TuneBackend) -> TuneStatus:
-        dashboard, port_forward = dashboard_address(self.name, self.namespace)
-        return TuneStatus(
-            backend="rayjob" if backend == TuneBackend.RAYJOB else "pod",
-            service=dashboard_service_name(self.name),
-            dashboard=dashboard,
-            port_forward=port_forward,
-        )
-
-    def note_tune(
-        self, status: ULMFiTJobStatus, plan: Plan, done: Mapping[str, FinalCheckpoint]
-    ) -> None:
-        """Record the sweep's best parameters once its final checkpoint has been read."""
-        final = done.get(TUNE_KEY)
-        if final is None or final.best_params is None or not plan.has(StageName.TUNE):
-            return
-        tune = status.tune or self.tune_status(
-            TuneBackend.RAYJOB
-            if any(c.kind == RAYJOB_KIND for c in self.children if c.stage == TUNE_KEY)
-            else TuneBackend.POD
-        )
-        status.tune = tune.model_copy(update={"best_params": dict(final.best_params)})
-
-    # -- building status.stages
-
-    def stage_statuses(
-        self,
-        plan: Plan,
-        done: Mapping[str, FinalCheckpoint],
-        infos: Mapping[str, _StageInfo],
-    ) -> tuple[list[StageStatus], list[tuple[str, float]]]:
-        """One entry per stage (disabled LM stages as Skipped), plus newly finished stages."""
-        result: list[tuple[int, StageStatus]] = []
-        completed: list[tuple[str, float]] = []
-        planned = set(plan.names)
-        lm_stages = (StageName.PRETRAIN, StageName.FINETUNE)
-        for index, lm in enumerate(lm_stages):
-            if lm.value not in planned:
-                result.append((index, StageStatus(name=lm, kind=lm, state=StageState.SKIPPED)))
-        for position, stage in enumerate(plan.stages):
-            order = lm_stages.index(stage.kind) if stage.kind in lm_stages else 2 + position
-            name = stage.name
-            old = self.old_stage(name)
-            mine = [c for c in self.children if c.stage == name]
-            latest = max(mine, key=lambda c: c.attempt) if mine else None
-            entry = StageStatus(name=name, kind=stage.kind, state=StageState.PENDING)
-            if old is not None:
-                entry = old.model_copy(deep=True)
-                entry.kind = stage.kind
-            if name in done:
-                final = done[name]
-                was_done = old is not None and old.state == StageState.SUCCEEDED
-                entry.state = StageState.SUCCEEDED
-                entry.checkpoint = final.uri
-                entry.metrics = dict(final.metrics)
-                entry.message = None
-                finished_at = final.created_at or self.now
-                entry.completion_time = entry.completion_time or format_time(finished_at)
-                if latest is not None:
-                    entry.attempts = max(entry.attempts, latest.attempt)
-                    entry.child = entry.child or latest.name
-                    entry.failures = max(
-                        entry.failures,
-                        sum(1 for c in mine if c.stopped or c.phase == ChildPhase.FAILED),
-                    )
-                if not was_done:
-                    started = parse_time(entry.start_time)
-                    if started is not None:
-                        completed.append(
-                            (stage.kind.value, max(0.0, (finished_at - started).total_seconds()))
-                        )
-            elif name in infos:
-                info = infos[name]
-                entry.state = info.state
-                entry.failures = info.failures
-                entry.attempts = info.attempt or entry.attempts
-                entry.child = info.child or entry.child
-                entry.message = info.message or None
-                if entry.start_time is None and info.attempt:
-                    entry.start_time = format_time(self.now)
-                entry.completion_time = None
+    def write_stages(self, infos: Mapping[str, StageInfo]) -> None:
+        """One entry per stage (disabled LM stages as Skipped); notes newly finished stages."""
+        planned = set(self.plan.names)
+        entries = [
+            (index, StageStatus(name=lm, kind=lm, state=StageState.SKIPPED))
+            for index, lm in enumerate(LM_STAGES)
+            if lm.value not in planned
+        ]
+        for position, stage in enumerate(self.plan.stages):
+            order = LM_STAGES.index(stage.kind) if stage.kind in LM_STAGES else 2 + position
+            old = self.job.old_stage(stage.name)
+            final = self.done.get(stage.name)
+            if final is None:
+                entry = stage_entry(old, stage, infos.get(stage.name), self.job.now)
             else:
-                entry = StageStatus(name=name, kind=stage.kind, state=StageState.PENDING)
-            result.append((order, entry))
-        return [entry for _, entry in sorted(result, key=lambda item: item[0])], completed
-
-    def stage_events(self, status: ULMFiTJobStatus) -> list[Event]:
-        """Normal events for stages that succeeded since the old status."""
-        events = []
-        for entry in status.stages:
-            old = self.old_stage(entry.name)
-            if entry.state == StageState.SUCCEEDED and (
-                old is None or old.state != StageState.SUCCEEDED
-            ):
-                metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(entry.metrics.items()))
-                events.append(
-                    Event(
-                        "Normal",
-                        "StageSucceeded",
-                        f"stage {entry.name} succeeded: checkpoint {entry.checkpoint}"
-                        + (f" ({metrics})" if metrics else ""),
-                    )
-                )
-        return events
-
-
-# ------------------------------------------------------------------------------------- helpers
-
-
-def _progress_time(progress: Mapping[str, Any] | None, since: datetime | None) -> datetime | None:
-    """When the trainer last reported, if that was during this attempt."""
-    if not progress:
-        return None
-    updated = parse_time(str(progress.get("updatedAt") or ""))
-    if updated is None or (since is not None and updated < since):
-        return None
-    return updated
-
-
-@dataclass
-class _StageInfo:
-    """What status.stages[] says about a stage that is ready (running or about to)."""
-
-    state: StageState
-    attempt: int
-    failures: int
-    child: str | None
-    message: str
-
-
-@dataclass
-class _StageRun:
-    """The attempts of one ready stage, as this reconcile sees and changes them."""
-
-    latest: Child | None
-    failed: list[Child]
-    active: list[Child]
-    attempt: int
-    child: str | None
-    stopped_now: bool = False
-    """The watchdog stopped an attempt in this reconcile: the next starts on the next one."""
-
-    def info(self, state: StageState, message: str) -> _StageInfo:
-        return _StageInfo(state, self.attempt, len(self.failed), self.child, message)
+                entry, took = done_entry(old, stage, final, self.job.children, self.job.now)
+                if took is not None:
+                    self.completed.append((stage.kind.value, took))
+            entries.append((order, entry))
+        self.status.stages = [entry for _, entry in sorted(entries, key=lambda item: item[0])]
 
 
 def _current(ready: Sequence[PlannedStage]) -> str:
     return ",".join(stage.name for stage in ready)
-
-
-def _last_failure(failed: Sequence[Child]) -> str:
-    if not failed:
-        return ""
-    last = failed[-1]
-    if last.stopped:
-        return f"attempt {last.attempt} stopped: {last.stopped}"
-    if last.phase == ChildPhase.SUCCEEDED:
-        return f"attempt {last.attempt} ended without a final checkpoint in the store"
-    return f"attempt {last.attempt} failed" + (f": {last.message}" if last.message else "")
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _progress_text(
-    stage: str, state: StageState, attempt: int, progress: Mapping[str, Any] | None
-) -> str:
-    """`classifier phase 2/4, 63%`; `finetune 40%`; `classifier pending (attempt 2)`."""
-    if state != StageState.RUNNING or not progress or progress.get("stage", stage) != stage:
-        return f"{stage} {'running' if state == StageState.RUNNING else 'pending'}" + (
-            f" (attempt {attempt})" if attempt > 1 else ""
-        )
-    parts = []
-    phase = progress.get("phase")
-    total_phases = progress.get("totalPhases") or progress.get("phases")
-    if phase is not None and phase != "":
-        parts.append(f"phase {phase}" + (f"/{total_phases}" if total_phases else ""))
-    step, total = _number(progress.get("step")), _number(progress.get("totalSteps"))
-    if step is not None and total:
-        parts.append(f"{min(100, int(100 * step / total))}%")
-    text = f"{stage} " + ", ".join(parts) if parts else f"{stage} running"
-    return text + (f" (attempt {attempt})" if attempt > 1 else "")
-
-
-def numeric_metrics(raw: Any) -> dict[str, float]:
-    """The numeric scalars of a checkpoint's `meta.metrics` (what fits the status)."""
-    if not isinstance(raw, Mapping):
-        return {}
-    found = {}
-    for key, value in raw.items():
-        number = _number(value)
-        if number is not None:
-            found[str(key)] = number
-    return found
-
-
-def final_checkpoint(uri: str, created_at: str, meta: Mapping[str, Any]) -> FinalCheckpoint:
-    """A store `Checkpoint`'s facts that reconcile uses (the caller reads the store)."""
-    model_uri = meta.get("modelUri") or meta.get("model_uri")
-    best = meta.get("bestParams")
-    return FinalCheckpoint(
-        uri=uri,
-        created_at=parse_time(created_at),
-        metrics=numeric_metrics(meta.get("metrics")),
-        model_uri=str(model_uri) if model_uri else None,
-        best_params=numeric_metrics(best) if isinstance(best, Mapping) else None,
-    )
 
 
 __all__ = [
@@ -1004,7 +657,6 @@ __all__ = [
     "Observation",
     "StopChild",
     "final_checkpoint",
-    "numeric_metrics",
     "pseudo_label_stats",
     "reconcile",
 ]

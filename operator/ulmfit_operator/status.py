@@ -182,49 +182,16 @@ def condition_true(conditions: list[Condition], kind: ConditionType) -> bool:
     return found is not None and found.status == "True"
 
 
-def set_condition(
-    conditions: list[Condition],
-    kind: ConditionType,
-    status: bool,
-    reason: str,
-    message: str,
-    now: datetime,
-    generation: int | None,
-) -> list[Condition]:
-    """A new list with `kind` set; `lastTransitionTime` moves only when the status flips."""
-    wanted: Literal["True", "False"] = "True" if status else "False"
-    previous = find_condition(conditions, kind)
-    since = (
-        previous.last_transition_time
-        if previous is not None and previous.status == wanted
-        else format_time(now)
-    )
-    updated = Condition(
-        type=kind,
-        status=wanted,
-        reason=reason,
-        message=message,
-        last_transition_time=since,
-        observed_generation=generation,
-    )
-    result = [c for c in conditions if c.type != kind]
-    result.append(updated)
+def set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
+    """A new list with `new` in place of the condition of its type. `lastTransitionTime` moves
+    only when the status flips: otherwise the old condition's time is kept."""
+    previous = find_condition(conditions, new.type)
+    if previous is not None and previous.status == new.status:
+        new = new.model_copy(update={"last_transition_time": previous.last_transition_time})
+    result = [c for c in conditions if c.type != new.type]
+    result.append(new)
     order = list(ConditionType)
     return sorted(result, key=lambda c: order.index(c.type))
-
-
-def clear_condition(
-    conditions: list[Condition],
-    kind: ConditionType,
-    reason: str,
-    message: str,
-    now: datetime,
-    generation: int | None,
-) -> list[Condition]:
-    """Set `kind` to False, but only when it was there: absent conditions stay absent."""
-    if find_condition(conditions, kind) is None:
-        return conditions
-    return set_condition(conditions, kind, False, reason, message, now, generation)
 
 
 PSEUDO_LABELS = "pseudoLabels"

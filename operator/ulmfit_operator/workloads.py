@@ -16,8 +16,6 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
 from kubeflow.training.configuration import Configuration as KubeflowConfiguration
@@ -31,33 +29,25 @@ from kubernetes import client as k8s
 from ulmfit_trainer.config import StageConfig, StageName, StorageSpec, TuneBackend, TuneSpec
 
 from ulmfit_operator.api import API_VERSION, KIND, ULMFiTJobSpec
+from ulmfit_operator.children import (
+    ANNOTATION_INIT_CHECKPOINT,
+    CONFIGMAP_KIND,
+    JOB_API_VERSION,
+    JOB_KIND,
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_MANAGED_BY,
+    LABEL_ROLE,
+    LABEL_STAGE,
+    MANAGER,
+    PYTORCHJOB_API_VERSION,
+    PYTORCHJOB_KIND,
+    RAYJOB_API_VERSION,
+    RAYJOB_KIND,
+    ROLE_RAY_HEAD,
+    SERVICE_KIND,
+)
 from ulmfit_operator.plan import TUNE_KEY, PlannedStage
-from ulmfit_operator.status import parse_time
-
-LABEL_JOB = "ulmfit.io/job"
-LABEL_STAGE = "ulmfit.io/stage"
-LABEL_ATTEMPT = "ulmfit.io/attempt"
-LABEL_ROLE = "ulmfit.io/role"
-ROLE_RAY_HEAD = "ray-head"
-"""On the pod that serves the Ray dashboard (the tune pod, or a RayJob's head): the Service
-selects it."""
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-MANAGER = "ulmfit-operator"
-ANNOTATION_INIT_CHECKPOINT = "ulmfit.io/init-checkpoint"
-ANNOTATION_STOPPED = "ulmfit.io/stopped"
-"""Set by the operator on an attempt it stopped (the value is the reason); counts as failed."""
-
-PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
-PYTORCHJOB_KIND = "PyTorchJob"
-PYTORCHJOB_PLURAL = "pytorchjobs"
-JOB_API_VERSION = "batch/v1"
-JOB_KIND = "Job"
-CONFIGMAP_KIND = "ConfigMap"
-SERVICE_KIND = "Service"
-RAYJOB_API_VERSION = "ray.io/v1"
-RAYJOB_KIND = "RayJob"
-RAYJOB_PLURAL = "rayjobs"
-RAYJOB_CRD = f"{RAYJOB_PLURAL}.ray.io"
 
 # The Training Operator looks the container and its port up by these names.
 PYTORCH_CONTAINER = "pytorch"
@@ -276,111 +266,116 @@ def _security_context() -> k8s.V1SecurityContext:
     )
 
 
-def _container(
-    name: str,
-    spec: ULMFiTJobSpec,
-    command: list[str] | None,
-    gpus: int,
-    attempt: int,
-    ports: list[k8s.V1ContainerPort] | None = None,
-    extra_env: list[k8s.V1EnvVar] | None = None,
-) -> k8s.V1Container:
-    res = spec.resources
-    limits = {"cpu": res.cpu, "memory": res.memory}
-    if gpus > 0:
-        limits["nvidia.com/gpu"] = str(gpus)
-    env = [
-        k8s.V1EnvVar(name="HOME", value="/tmp"),
-        k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
-        k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
-        k8s.V1EnvVar(name="ULMFIT_ATTEMPT", value=str(attempt)),
-        *(extra_env or []),
-        *storage_env(spec.storage),
-    ]
-    return k8s.V1Container(
-        name=name,
-        image=res.image,
-        image_pull_policy=res.image_pull_policy,
-        command=command,
-        env=env,
-        ports=ports or None,
-        resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits),
-        volume_mounts=[
-            k8s.V1VolumeMount(name="stage-config", mount_path=CONFIG_DIR, read_only=True),
-            k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
-            k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
-        ],
-        security_context=_security_context(),
-    )
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of one stage: what its child workload is built from."""
 
+    owner: Owner
+    stage: PlannedStage
+    spec: ULMFiTJobSpec
+    number: int
+    init_checkpoint: str | None = None
+    """The checkpoint the attempt starts from, recorded on the child as an annotation."""
 
-def _pod_template(
-    owner: Owner,
-    stage: str,
-    attempt: int,
-    child: str,
-    container: k8s.V1Container,
-    spec: ULMFiTJobSpec,
-    role: str | None = None,
-    restart_policy: str | None = "Never",
-) -> k8s.V1PodTemplateSpec:
-    return k8s.V1PodTemplateSpec(
-        metadata=k8s.V1ObjectMeta(labels=owner.labels(stage, attempt, role)),
-        spec=k8s.V1PodSpec(
-            restart_policy=restart_policy,
-            # Pods never talk to the Kubernetes API: progress travels through the store.
-            automount_service_account_token=False,
-            enable_service_links=False,
-            node_selector=dict(spec.resources.node_selector) or None,
-            security_context=k8s.V1PodSecurityContext(
-                run_as_non_root=True,
-                run_as_user=RUN_AS_USER,
-                run_as_group=RUN_AS_USER,
-                fs_group=RUN_AS_USER,
-                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-            ),
-            containers=[container],
-            volumes=[
-                k8s.V1Volume(
-                    name="stage-config",
-                    config_map=k8s.V1ConfigMapVolumeSource(
-                        name=config_map_name(child),
-                        items=[k8s.V1KeyToPath(key=CONFIG_FILE, path=CONFIG_FILE)],
-                    ),
-                ),
-                k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
-                # torch's data loaders and NCCL need more shared memory than a container's 64 MiB.
-                k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")),
+    @property
+    def name(self) -> str:
+        return child_name(self.owner.name, self.stage.name, self.number)
+
+    def metadata(self) -> k8s.V1ObjectMeta:
+        annotations = (
+            {ANNOTATION_INIT_CHECKPOINT: self.init_checkpoint} if self.init_checkpoint else {}
+        )
+        return self.owner.metadata(self.name, self.stage.name, self.number, annotations)
+
+    def container(
+        self,
+        name: str,
+        command: list[str] | None,
+        gpus: int,
+        ports: list[k8s.V1ContainerPort] | None = None,
+        extra_env: list[k8s.V1EnvVar] | None = None,
+    ) -> k8s.V1Container:
+        res = self.spec.resources
+        limits = {"cpu": res.cpu, "memory": res.memory}
+        if gpus > 0:
+            limits["nvidia.com/gpu"] = str(gpus)
+        env = [
+            k8s.V1EnvVar(name="HOME", value="/tmp"),
+            k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
+            k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+            k8s.V1EnvVar(name="ULMFIT_ATTEMPT", value=str(self.number)),
+            *(extra_env or []),
+            *storage_env(self.spec.storage),
+        ]
+        return k8s.V1Container(
+            name=name,
+            image=res.image,
+            image_pull_policy=res.image_pull_policy,
+            command=command,
+            env=env,
+            ports=ports or None,
+            resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits),
+            volume_mounts=[
+                k8s.V1VolumeMount(name="stage-config", mount_path=CONFIG_DIR, read_only=True),
+                k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
+                k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
             ],
-        ),
-    )
+            security_context=_security_context(),
+        )
+
+    def pod_template(
+        self,
+        container: k8s.V1Container,
+        role: str | None = None,
+        restart_policy: str | None = "Never",
+    ) -> k8s.V1PodTemplateSpec:
+        return k8s.V1PodTemplateSpec(
+            metadata=k8s.V1ObjectMeta(labels=self.owner.labels(self.stage.name, self.number, role)),
+            spec=k8s.V1PodSpec(
+                restart_policy=restart_policy,
+                # Pods never talk to the Kubernetes API: progress travels through the store.
+                automount_service_account_token=False,
+                enable_service_links=False,
+                node_selector=dict(self.spec.resources.node_selector) or None,
+                security_context=k8s.V1PodSecurityContext(
+                    run_as_non_root=True,
+                    run_as_user=RUN_AS_USER,
+                    run_as_group=RUN_AS_USER,
+                    fs_group=RUN_AS_USER,
+                    seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+                ),
+                containers=[container],
+                volumes=[
+                    k8s.V1Volume(
+                        name="stage-config",
+                        config_map=k8s.V1ConfigMapVolumeSource(
+                            name=config_map_name(self.name),
+                            items=[k8s.V1KeyToPath(key=CONFIG_FILE, path=CONFIG_FILE)],
+                        ),
+                    ),
+                    k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
+                    # torch's data loaders and NCCL need more shared memory than a container's
+                    # 64 MiB.
+                    k8s.V1Volume(
+                        name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")
+                    ),
+                ],
+            ),
+        )
 
 
-def _annotations(init_checkpoint: str | None) -> dict[str, str]:
-    return {ANNOTATION_INIT_CHECKPOINT: init_checkpoint} if init_checkpoint else {}
-
-
-def pytorch_job(
-    owner: Owner,
-    stage: PlannedStage,
-    spec: ULMFiTJobSpec,
-    attempt: int,
-    init_checkpoint: str | None = None,
-) -> dict[str, Any]:
+def pytorch_job(attempt: Attempt) -> dict[str, Any]:
     """The PyTorchJob for one attempt of a distributed stage: 1 Master + (workers - 1) Workers."""
-    name = child_name(owner.name, stage.name, attempt)
-    res = spec.resources
-    command = torchrun_command(stage.kind.value, res.workers, res.processes_per_worker)
+    res = attempt.spec.resources
+    command = torchrun_command(attempt.stage.kind.value, res.workers, res.processes_per_worker)
     port = [k8s.V1ContainerPort(name=PYTORCH_PORT_NAME, container_port=PYTORCH_PORT)]
 
     def replicas(count: int) -> KubeflowOrgV1ReplicaSpec:
-        container = _container(
-            PYTORCH_CONTAINER, spec, command, res.gpus_per_worker, attempt, ports=port
-        )
+        container = attempt.container(PYTORCH_CONTAINER, command, res.gpus_per_worker, port)
         return KubeflowOrgV1ReplicaSpec(
             replicas=count,
             restart_policy="Never",
-            template=_pod_template(owner, stage.name, attempt, name, container, spec),
+            template=attempt.pod_template(container),
             local_vars_configuration=_KUBEFLOW,
         )
 
@@ -390,7 +385,7 @@ def pytorch_job(
     job = KubeflowOrgV1PyTorchJob(
         api_version=PYTORCHJOB_API_VERSION,
         kind=PYTORCHJOB_KIND,
-        metadata=owner.metadata(name, stage.name, attempt, _annotations(init_checkpoint)),
+        metadata=attempt.metadata(),
         spec=KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=str(res.processes_per_worker),
             pytorch_replica_specs=replica_specs,
@@ -406,40 +401,22 @@ def pytorch_job(
 
 
 def _batch_job(
-    owner: Owner,
-    stage: PlannedStage,
-    spec: ULMFiTJobSpec,
-    attempt: int,
-    container: k8s.V1Container,
-    init_checkpoint: str | None,
-    role: str | None = None,
+    attempt: Attempt, container: k8s.V1Container, role: str | None = None
 ) -> dict[str, Any]:
-    name = child_name(owner.name, stage.name, attempt)
     job = k8s.V1Job(
         api_version=JOB_API_VERSION,
         kind=JOB_KIND,
-        metadata=owner.metadata(name, stage.name, attempt, _annotations(init_checkpoint)),
-        spec=k8s.V1JobSpec(
-            backoff_limit=0,
-            template=_pod_template(owner, stage.name, attempt, name, container, spec, role),
-        ),
+        metadata=attempt.metadata(),
+        spec=k8s.V1JobSpec(backoff_limit=0, template=attempt.pod_template(container, role)),
     )
     return to_dict(job)
 
 
-def evaluate_job(
-    owner: Owner,
-    stage: PlannedStage,
-    spec: ULMFiTJobSpec,
-    attempt: int,
-    init_checkpoint: str | None = None,
-) -> dict[str, Any]:
+def evaluate_job(attempt: Attempt) -> dict[str, Any]:
     """The batch/v1 Job for one attempt of the single-process `evaluate` stage."""
-    gpus = min(spec.resources.gpus_per_worker, 1)
-    container = _container(
-        EVALUATE_CONTAINER, spec, single_process_command(stage.kind.value), gpus, attempt
-    )
-    return _batch_job(owner, stage, spec, attempt, container, init_checkpoint)
+    gpus = min(attempt.spec.resources.gpus_per_worker, 1)
+    command = single_process_command(attempt.stage.kind.value)
+    return _batch_job(attempt, attempt.container(EVALUATE_CONTAINER, command, gpus))
 
 
 def tune_gpus(tune: TuneSpec, spec: ULMFiTJobSpec) -> int:
@@ -460,39 +437,25 @@ def _dashboard_port() -> list[k8s.V1ContainerPort]:
     return [k8s.V1ContainerPort(name=DASHBOARD_PORT_NAME, container_port=DASHBOARD_PORT)]
 
 
-def tune_job(
-    owner: Owner,
-    stage: PlannedStage,
-    spec: ULMFiTJobSpec,
-    attempt: int,
-    init_checkpoint: str | None = None,
-) -> dict[str, Any]:
+def tune_job(attempt: Attempt) -> dict[str, Any]:
     """Backend `pod`: a batch/v1 Job whose one pod starts a Ray head and runs the whole sweep."""
-    tune = stage.config.tune
+    tune = attempt.stage.config.tune
     assert tune is not None  # a tune stage's config always carries its sweep
     env = [
         k8s.V1EnvVar(name="ULMFIT_RAY_DASHBOARD_HOST", value="0.0.0.0"),
         k8s.V1EnvVar(name="ULMFIT_RAY_DASHBOARD_PORT", value=str(DASHBOARD_PORT)),
     ]
-    container = _container(
+    container = attempt.container(
         TUNE_CONTAINER,
-        spec,
-        single_process_command(stage.kind.value),
-        tune_gpus(tune, spec),
-        attempt,
+        single_process_command(attempt.stage.kind.value),
+        tune_gpus(tune, attempt.spec),
         ports=_dashboard_port(),
         extra_env=env,
     )
-    return _batch_job(owner, stage, spec, attempt, container, init_checkpoint, ROLE_RAY_HEAD)
+    return _batch_job(attempt, container, ROLE_RAY_HEAD)
 
 
-def tune_rayjob(
-    owner: Owner,
-    stage: PlannedStage,
-    spec: ULMFiTJobSpec,
-    attempt: int,
-    init_checkpoint: str | None = None,
-) -> dict[str, Any]:
+def tune_rayjob(attempt: Attempt) -> dict[str, Any]:
     """Backend `rayjob`: a KubeRay RayJob; its cluster is a head plus `workers - 1` workers.
 
     KubeRay starts Ray in each pod (from `rayStartParams`), submits the entrypoint to the head
@@ -500,26 +463,21 @@ def tune_rayjob(
     `shutdownAfterJobFinishes`, deletes the cluster when the sweep ends. Every Ray pod mounts the
     stage config; each gets `resources.cpu/memory/gpusPerWorker`.
     """
-    name = child_name(owner.name, stage.name, attempt)
-    res = spec.resources
+    res = attempt.spec.resources
     head_ports = [
         k8s.V1ContainerPort(name="gcs-server", container_port=RAY_GCS_PORT),
         k8s.V1ContainerPort(name="client", container_port=RAY_CLIENT_PORT),
         *_dashboard_port(),
     ]
-    head = _container(
-        RAY_HEAD_CONTAINER, spec, None, res.gpus_per_worker, attempt, ports=head_ports
-    )
+    head = attempt.container(RAY_HEAD_CONTAINER, None, res.gpus_per_worker, head_ports)
     start_params = {"num-cpus": _whole_cpus(res.cpu)}
     head_group: dict[str, Any] = {
         "rayStartParams": {**start_params, "dashboard-host": "0.0.0.0"},
-        "template": to_dict(
-            _pod_template(owner, stage.name, attempt, name, head, spec, ROLE_RAY_HEAD, None)
-        ),
+        "template": to_dict(attempt.pod_template(head, ROLE_RAY_HEAD, restart_policy=None)),
     }
     ray_cluster: dict[str, Any] = {"headGroupSpec": head_group}
     if res.workers > 1:
-        worker = _container(RAY_WORKER_CONTAINER, spec, None, res.gpus_per_worker, attempt)
+        worker = attempt.container(RAY_WORKER_CONTAINER, None, res.gpus_per_worker)
         ray_cluster["workerGroupSpecs"] = [
             {
                 "groupName": "workers",
@@ -527,18 +485,15 @@ def tune_rayjob(
                 "minReplicas": res.workers - 1,
                 "maxReplicas": res.workers - 1,
                 "rayStartParams": dict(start_params),
-                "template": to_dict(
-                    _pod_template(owner, stage.name, attempt, name, worker, spec, None, None)
-                ),
+                "template": to_dict(attempt.pod_template(worker, restart_policy=None)),
             }
         ]
-    metadata = owner.metadata(name, stage.name, attempt, _annotations(init_checkpoint))
     return {
         "apiVersion": RAYJOB_API_VERSION,
         "kind": RAYJOB_KIND,
-        "metadata": to_dict(metadata),
+        "metadata": to_dict(attempt.metadata()),
         "spec": {
-            "entrypoint": " ".join(single_process_command(stage.kind.value)),
+            "entrypoint": " ".join(single_process_command(attempt.stage.kind.value)),
             "shutdownAfterJobFinishes": True,
             "rayClusterSpec": ray_cluster,
         },
@@ -588,192 +543,12 @@ def tune_backend(stage: PlannedStage, rayjob_available: bool) -> TuneBackend:
     return wanted
 
 
-def stage_child(
-    owner: Owner,
-    stage: PlannedStage,
-    spec: ULMFiTJobSpec,
-    attempt: int,
-    init_checkpoint: str | None = None,
-    *,
-    backend: TuneBackend = TuneBackend.POD,
-) -> dict[str, Any]:
+def child_workload(attempt: Attempt, backend: TuneBackend = TuneBackend.POD) -> dict[str, Any]:
     """The child workload of one attempt (`backend` only matters to a tune stage)."""
-    if stage.kind == StageName.TUNE:
+    if attempt.stage.kind == StageName.TUNE:
         build = tune_rayjob if backend == TuneBackend.RAYJOB else tune_job
-    elif stage.distributed:
+    elif attempt.stage.distributed:
         build = pytorch_job
     else:
         build = evaluate_job
-    return build(owner, stage, spec, attempt, init_checkpoint)
-
-
-# ---------------------------------------------------------------------------------- observing
-
-
-class ChildPhase(StrEnum):
-    PENDING = "Pending"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    SUSPENDED = "Suspended"
-
-
-@dataclass(frozen=True)
-class Child:
-    """One observed child workload, whatever its kind."""
-
-    name: str
-    namespace: str
-    api_version: str
-    kind: str
-    job: str
-    """Name of the owning ULMFiTJob (from the `ulmfit.io/job` label)."""
-    stage: str
-    attempt: int
-    owner_uid: str
-    phase: ChildPhase
-    message: str = ""
-    """Why it failed (reason: message of its Failed condition)."""
-    created: datetime | None = None
-    started: datetime | None = None
-    deleting: bool = False
-    stopped: str | None = None
-    """The reason the operator stopped this attempt (it counts as failed)."""
-    resource_version: str = ""
-
-    @property
-    def active(self) -> bool:
-        """Still working on the stage: neither finished, nor stopped, nor going away."""
-        return (
-            not self.deleting
-            and self.stopped is None
-            and self.phase in (ChildPhase.PENDING, ChildPhase.RUNNING)
-        )
-
-    @property
-    def ref(self) -> ChildRef:
-        return ChildRef(self.api_version, self.kind, self.namespace, self.name)
-
-
-@dataclass(frozen=True)
-class ChildRef:
-    api_version: str
-    kind: str
-    namespace: str
-    name: str
-
-
-def _true_conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        str(c.get("type")): c
-        for c in status.get("conditions") or []
-        if isinstance(c, dict) and c.get("status") == "True"
-    }
-
-
-def _failure_message(condition: dict[str, Any] | None) -> str:
-    if not condition:
-        return ""
-    reason, message = condition.get("reason") or "", condition.get("message") or ""
-    return f"{reason}: {message}" if reason and message else reason or message
-
-
-def observe_child(body: dict[str, Any]) -> Child | None:
-    """A PyTorchJob, Job or RayJob we created, as reconcile sees it; None for anything else."""
-    meta = body.get("metadata") or {}
-    labels = meta.get("labels") or {}
-    kind = body.get("kind")
-    if (
-        LABEL_JOB not in labels
-        or LABEL_STAGE not in labels
-        or kind not in (PYTORCHJOB_KIND, JOB_KIND, RAYJOB_KIND)
-    ):
-        return None
-    try:
-        attempt = int(labels.get(LABEL_ATTEMPT, "0"))
-    except ValueError:
-        return None
-    owner_uid = next(
-        (
-            ref.get("uid", "")
-            for ref in meta.get("ownerReferences") or []
-            if ref.get("kind") == KIND and ref.get("controller")
-        ),
-        "",
-    )
-    status = body.get("status") or {}
-    spec = body.get("spec") or {}
-    true = _true_conditions(status)
-    message = ""
-    if kind == PYTORCHJOB_KIND:
-        if "Succeeded" in true:
-            phase = ChildPhase.SUCCEEDED
-        elif "Failed" in true:
-            phase, message = ChildPhase.FAILED, _failure_message(true["Failed"])
-        elif "Suspended" in true or (spec.get("runPolicy") or {}).get("suspend"):
-            phase = ChildPhase.SUSPENDED
-        elif "Running" in true:
-            phase = ChildPhase.RUNNING
-        else:
-            phase = ChildPhase.PENDING
-    elif kind == RAYJOB_KIND:
-        phase, message = _rayjob_phase(spec, status)
-    else:
-        if "Complete" in true:
-            phase = ChildPhase.SUCCEEDED
-        elif "Failed" in true:
-            phase, message = ChildPhase.FAILED, _failure_message(true["Failed"])
-        elif "Suspended" in true or spec.get("suspend"):
-            phase = ChildPhase.SUSPENDED
-        elif status.get("active") or status.get("ready"):
-            phase = ChildPhase.RUNNING
-        else:
-            phase = ChildPhase.PENDING
-    annotations = meta.get("annotations") or {}
-    return Child(
-        name=str(meta.get("name")),
-        namespace=str(meta.get("namespace")),
-        api_version=str(body.get("apiVersion")),
-        kind=str(kind),
-        job=str(labels[LABEL_JOB]),
-        stage=str(labels[LABEL_STAGE]),
-        attempt=attempt,
-        owner_uid=owner_uid,
-        phase=phase,
-        message=message,
-        created=parse_time(meta.get("creationTimestamp")),
-        started=parse_time(status.get("startTime")),
-        deleting=bool(meta.get("deletionTimestamp")),
-        stopped=annotations.get(ANNOTATION_STOPPED),
-        resource_version=str(meta.get("resourceVersion", "")),
-    )
-
-
-def _rayjob_phase(spec: dict[str, Any], status: dict[str, Any]) -> tuple[ChildPhase, str]:
-    """A RayJob's `jobStatus` (the Ray job) and `jobDeploymentStatus` (KubeRay's) as a phase."""
-    job_status = str(status.get("jobStatus") or "").upper()
-    deployment = str(status.get("jobDeploymentStatus") or "")
-    if job_status == "SUCCEEDED":
-        return ChildPhase.SUCCEEDED, ""
-    if job_status in ("FAILED", "STOPPED") or deployment == "Failed":
-        reason = str(status.get("reason") or f"RayJob{job_status.title() or deployment}")
-        detail = str(status.get("message") or "")
-        return ChildPhase.FAILED, f"{reason}: {detail}" if detail else reason
-    if deployment == "Complete":
-        return ChildPhase.SUCCEEDED, ""
-    if spec.get("suspend") or deployment in ("Suspending", "Suspended"):
-        return ChildPhase.SUSPENDED, ""
-    if job_status == "RUNNING" or deployment == "Running":
-        return ChildPhase.RUNNING, ""
-    return ChildPhase.PENDING, ""
-
-
-def stop_patch(kind: str, reason: str) -> dict[str, Any]:
-    """Merge patch that suspends a child (its pods go away, the object stays as the record of a
-    failed attempt) and says why."""
-    patch: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_STOPPED: reason}}}
-    if kind == PYTORCHJOB_KIND:
-        patch["spec"] = {"runPolicy": {"suspend": True}}
-    else:  # a batch Job and a RayJob both suspend with spec.suspend
-        patch["spec"] = {"suspend": True}
-    return patch
+    return build(attempt)

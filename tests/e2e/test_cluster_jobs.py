@@ -217,6 +217,9 @@ def test_job_runs_every_stage_as_pods_and_the_model_predicts_from_s3(
     assert 0.0 <= metrics["macroF1"] <= 1.0
     # What the real evaluate stage wrote reaches the status under its own name.
     assert 0.0 < metrics["majorityBaselineAccuracy"] < 1.0
+    # ... and the operator's summary reads it (it once looked for a key nobody wrote).
+    baseline = f"majority baseline {metrics['majorityBaselineAccuracy']:.4f}"
+    assert baseline in conditions["Succeeded"]["message"], conditions["Succeeded"]
 
     # Each training stage ran as a PyTorchJob the real controller drove to Succeeded, and its
     # pods really ran (the kubelet reported their exit).

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ulmfit_trainer.store import CheckpointStore, S3Settings, open_store
+from ulmfit_trainer.config import S3Settings
+from ulmfit_trainer.store import CheckpointStore, open_store
 
 ROOT = Path(__file__).resolve().parents[2]
 ULMFIT = [sys.executable, "-m", "ulmfit_operator.cli"]
@@ -167,7 +168,8 @@ STAND_IN = """
 import json, os, sys, tempfile
 from pathlib import Path
 from ulmfit_trainer.config import StageConfig
-from ulmfit_trainer.store import CheckpointStore, open_store
+from ulmfit_trainer.records import StageProgress
+from ulmfit_trainer.store import open_checkpoints
 
 argv = sys.argv[1:]
 config = StageConfig.read(argv[argv.index("--config") + 1])
@@ -175,7 +177,7 @@ with open(os.environ["STAND_IN_LOG"], "a") as log:
     log.write(json.dumps({"argv": argv, "key": config.key}) + "\\n")
 metrics, meta = {"loss": 1.0}, {}
 if config.stage == "tune":
-    print("@progress " + json.dumps({"stage": "tune", "dashboard": "http://127.0.0.1:8265"}))
+    print(StageProgress(stage="tune", state="running", dashboard="http://127.0.0.1:8265").to_line())
     print("| trial_0001 | RUNNING | 0.001 |")
     metrics = {"trials": 4, "trialsCompleted": 3, "trialsStoppedEarly": 1, "trialsFailed": 0,
                "resultsDir": "/tmp/ray"}
@@ -187,7 +189,7 @@ if config.stage == "evaluate":
     metrics = {"accuracy": 0.75}
 directory = Path(tempfile.mkdtemp())
 (directory / "weights.bin").write_bytes(b"w")
-CheckpointStore(open_store(config.store_root), config.run).save(
+open_checkpoints(config).save(
     config.key, "final", directory, meta={"metrics": metrics, **meta}, final=True, step=1
 )
 """

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 import yaml
+from ulmfit_operator.settings import OperatorSettings, flag
 
 from tests.harness.kube import ControlPlane
 from tests.harness.tools import Tool, ToolError
@@ -246,6 +248,8 @@ BAD_VALUES = [
         ["--set", "rbac.create=false", "--set", "serviceAccount.create=false"],
         "serviceAccount.create and rbac.create are false but serviceAccount.name is empty",
     ),
+    (["--set", "resyncSeconds=0.0"], "resyncSeconds is 0.0"),
+    (["--set", "leaseDuration=0.5"], "leaseDuration is 0.5"),
 ]
 
 
@@ -383,6 +387,100 @@ def test_rendered_rbac_rules_equal_the_manifests(helm: Tool) -> None:
 def test_standalone_needs_no_lease(helm: Tool) -> None:
     objects = render(helm, "--set", "standalone=true")
     assert [r["metadata"]["name"] for r in find(objects, "Role")] == []
+
+
+# --- the operator's settings (the rest is in tests/unit/test_settings.py) ---------------------
+
+
+def container_args(objects: list[dict[str, Any]]) -> list[str]:
+    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return list(container["args"])
+
+
+def settings_from(args: list[str]) -> OperatorSettings:
+    """The settings the operator's command line makes of `args` (what the container runs)."""
+    from ulmfit_operator.__main__ import app
+
+    command = typer.main.get_command(app)
+    with command.make_context("ulmfit-operator", list(args)) as context:
+        return OperatorSettings(**context.params)
+
+
+def test_chart_defaults_are_the_settings_defaults_and_the_manifests_args(helm: Tool) -> None:
+    args = container_args(render(helm))
+    assert settings_from(args) == OperatorSettings()
+    (deployment,) = [
+        d for d in yaml.safe_load_all((MANIFESTS / "operator" / "deployment.yaml").read_text()) if d
+    ]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == args
+
+
+def test_every_settings_value_renders_to_its_flag(helm: Tool) -> None:
+    values: dict[str, Any] = {
+        "metricsPort": 9100,
+        "metricsAddress": "127.0.0.1",
+        "healthPort": 9101,
+        "healthAddress": "127.0.0.2",
+        "workers": 3,
+        "resyncSeconds": 2.5,
+        "leaseName": "my-lease",
+        "leaseNamespace": "leases",
+        "leaseDuration": 6,
+        "logFormat": "text",
+        "logLevel": "DEBUG",
+    }
+    sets = [
+        arg for key, value in values.items() for arg in ("--set-json", f"{key}={json.dumps(value)}")
+    ]
+    namespaced = ["--set", "rbac.scope=namespace", "--set", "watchNamespaces={ml-team}"]
+    args = container_args(render(helm, *sets, *namespaced))
+    assert settings_from(args) == OperatorSettings(
+        namespace="ml-team",
+        metrics_port=9100,
+        metrics_address="127.0.0.1",
+        health_port=9101,
+        health_address="127.0.0.2",
+        workers=3,
+        resync_seconds=2.5,
+        lease_name="my-lease",
+        lease_namespace="leases",
+        lease_duration=6,
+        log_format="text",
+        log_level="DEBUG",
+    )
+    # Every setting but the pod's own identity and the switch has been set by a value.
+    assert {arg.split("=", 1)[0] for arg in args} == {
+        flag(name)
+        for name in OperatorSettings.model_fields
+        if name not in {"identity", "standalone"}
+    }
+    standalone = render(helm, "--set", "standalone=true")
+    assert settings_from(container_args(standalone)).standalone is True
+    # A decimal given with --set reaches the operator as it is.
+    assert (
+        settings_from(container_args(render(helm, "--set", "resyncSeconds=0.5"))).resync_seconds
+        == 0.5
+    )
+
+
+@pytest.mark.parametrize("scope", ["cluster", "namespace"])
+def test_the_leader_election_role_follows_the_lease_namespace(helm: Tool, scope: str) -> None:
+    args = ["--set", f"rbac.scope={scope}"]
+    if scope == "namespace":
+        args += ["--set", "watchNamespaces={ml-team}"]
+    objects = render(helm, *args, "--set", "leaseNamespace=leases")
+    (role,) = [
+        r for r in find(objects, "Role") if r["metadata"]["name"].endswith("-leader-election")
+    ]
+    (binding,) = [
+        b
+        for b in find(objects, "RoleBinding")
+        if b["metadata"]["name"].endswith("-leader-election")
+    ]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "leases"
+    assert role["rules"] == manifest_rules("leader_election_role.yaml", "Role")
+    assert "--lease-namespace=leases" in container_args(objects)
 
 
 # --- the API server --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from ulmfit_operator.handlers import Kube
+from ulmfit_operator.runtime.kube import Kube
 
 from tests.harness.ports import wait_for
 from tests.harness.s3 import SeaweedS3
@@ -27,6 +27,7 @@ from tests.integration.test_operator_harness import (  # noqa: F401 - fixtures
     Trainer,
     admin,
     create_job,
+    evaluation_metrics,
     events,
     get_job,
     is_true,
@@ -63,9 +64,7 @@ class Player(threading.Thread):
                     if name in self.done:
                         continue
                     stage = child["metadata"]["labels"]["ulmfit.io/stage"]
-                    metrics = (
-                        {"accuracy": 0.8, "majorityBaseline": 0.2} if stage == "evaluate" else None
-                    )
+                    metrics = evaluation_metrics(0.8, 0.2) if stage == "evaluate" else None
                     self.trainer.complete(child, metrics)
                     self.done.add(name)
                     self.stop.wait(self.pace)  # spread the work over the operator's lives
@@ -166,8 +165,6 @@ def test_operator_standby_takes_over_when_the_leader_dies(
     first.kill()
     second.wait_leading(timeout=60)
     trainer.complete(wait_child(admin, ns, "handover-classifier-a1"))
-    trainer.complete(
-        wait_child(admin, ns, "handover-evaluate-a1"), {"accuracy": 0.8, "majorityBaseline": 0.2}
-    )
+    trainer.complete(wait_child(admin, ns, "handover-evaluate-a1"), evaluation_metrics(0.8, 0.2))
     wait_for(lambda: _all_succeeded(admin, ns, ["handover"]), 60, "the job to succeed")
     _check_no_duplicates(admin, ns, ["handover"])

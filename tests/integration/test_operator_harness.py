@@ -28,10 +28,12 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from ulmfit_operator.handlers import Kube, job_ref
+from ulmfit_operator.children import LABEL_JOB, ChildRef
 from ulmfit_operator.metrics import OperatorMetrics
-from ulmfit_operator.workloads import LABEL_JOB, ChildRef
-from ulmfit_trainer.store import CheckpointStore, S3Settings, open_store
+from ulmfit_operator.runtime.kube import Kube, job_ref
+from ulmfit_trainer.config import S3Settings
+from ulmfit_trainer.records import EvaluationSummary, StageProgress
+from ulmfit_trainer.store import CheckpointStore, open_store
 
 from tests.harness.crds import pytorchjob_crd
 from tests.harness.kube import (
@@ -546,15 +548,16 @@ class Trainer:
         phase: int | None = None,
         phases: int | None = None,
     ) -> None:
-        record: dict[str, Any] = {
-            "step": step,
-            "totalSteps": total,
-            "loss": 2.5,
-            "tokensPerSecond": 1000.0,
-            "state": "running",
-        }
-        if phase is not None:
-            record.update({"phase": phase, "totalPhases": phases})
+        record = StageProgress(
+            stage=stage,
+            state="running",
+            step=step,
+            total_steps=total,
+            loss=2.5,
+            tokens_per_second=1000.0,
+            phase=phase,
+            total_phases=phases,
+        )
         self.checkpoints(namespace, job).write_progress(stage, record)
 
     def commit_final(
@@ -596,13 +599,24 @@ def trainer(
     return Trainer(admin, s3_server, s3_bucket)
 
 
+def evaluation_metrics(accuracy: float, majority_baseline: float) -> dict[str, Any]:
+    """Metrics as the real evaluate stage records them (its `EvaluationSummary`)."""
+    return EvaluationSummary(
+        accuracy=accuracy,
+        macro_f1=accuracy,
+        majority_baseline_accuracy=majority_baseline,
+        expected_calibration_error=0.05,
+        test_examples=40.0,
+    ).to_wire()
+
+
 def run_to_success(
     kube: Kube, trainer: Trainer, namespace: str, name: str, timeout: float = 60
 ) -> dict[str, Any]:
     """Play every stage of a default job (finetune, classifier, evaluate) to the end."""
     for stage in ("finetune", "classifier", "evaluate"):
         child = wait_child(kube, namespace, f"{name}-{stage}-a1", timeout=timeout)
-        metrics = {"accuracy": 0.75, "majorityBaseline": 0.25} if stage == "evaluate" else None
+        metrics = evaluation_metrics(0.75, 0.25) if stage == "evaluate" else None
         trainer.complete(child, metrics)
     return wait_job(
         kube, namespace, name, lambda j: is_true(j, "Succeeded"), "Succeeded", timeout=timeout

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 from ulmfit_operator.api import parse_spec
-from ulmfit_operator.handlers import Kube
 from ulmfit_operator.metrics import OperatorMetrics
+from ulmfit_operator.runtime.kube import Kube
 from ulmfit_trainer.config import StageConfig
 from ulmfit_trainer.errors import InvalidSpec
 
@@ -32,6 +32,7 @@ from tests.integration.test_operator_harness import (  # noqa: F401 - fixtures
     admin,
     condition,
     create_job,
+    evaluation_metrics,
     events,
     get_job,
     is_true,
@@ -135,11 +136,7 @@ def test_operator_walks_a_job_through_every_stage(
             lambda j, s=stage: (j.get("status") or {}).get("progress") == f"{s} phase 2/4, 63%",
             f"progress of {stage}",
         )
-        metrics = (
-            {"accuracy": 0.875, "macroF1": 0.81, "majorityBaseline": 0.31}
-            if stage == "evaluate"
-            else {"loss": 1.5}
-        )
+        metrics = evaluation_metrics(0.875, 0.31) if stage == "evaluate" else {"loss": 1.5}
         extra = (
             {"modelUri": f"s3://{s3_bucket}/runs/{ns}/{name}/model"} if stage == "evaluate" else {}
         )
@@ -149,8 +146,11 @@ def test_operator_walks_a_job_through_every_stage(
     status = job["status"]
     assert status["result"] == {
         "modelUri": f"s3://{s3_bucket}/runs/{ns}/{name}/model",
-        "testMetrics": {"accuracy": 0.875, "macroF1": 0.81, "majorityBaseline": 0.31},
+        "testMetrics": evaluation_metrics(0.875, 0.31),
     }
+    succeeded = condition(job, "Succeeded")
+    assert succeeded is not None
+    assert "test accuracy 0.8750 (majority baseline 0.3100)" in succeeded["message"]
     assert [(s["name"], s["state"], s["checkpoint"]) for s in status["stages"]] == [
         (stage, "Succeeded", uris[stage]) for stage in uris
     ]

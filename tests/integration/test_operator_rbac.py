@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from ulmfit_operator.handlers import Kube
 from ulmfit_operator.metrics import OperatorMetrics
+from ulmfit_operator.runtime.kube import Kube
 
 from tests.harness.kube import ControlPlane, least_privilege_kubeconfig, load_manifests
 from tests.harness.s3 import SeaweedS3

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from ulmfit_operator.handlers import Kube
+from ulmfit_operator.runtime.kube import Kube
 from ulmfit_trainer.config import StageConfig
 
 from tests.harness.crds import ray_crds

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from ulmfit_trainer.config import S3Settings
 from ulmfit_trainer.store import (
     CheckpointStore,
-    S3Settings,
     S3Store,
     Store,
     StoreAuthError,

@@ -29,6 +29,7 @@ from ulmfit_trainer.config import (
     StageConfig,
     TokenizerSpec,
 )
+from ulmfit_trainer.records import StageProgress, parse_progress_line
 from ulmfit_trainer.store import CheckpointStore, open_store
 
 TRAINER = Path(__file__).resolve().parents[2] / "trainer"
@@ -73,12 +74,9 @@ def metrics_of(stdout: str) -> dict[str, float]:
     return json.loads(lines[-1].split("@metrics ", 1)[1])
 
 
-def progress_of(stdout: str) -> list[dict]:
-    return [
-        json.loads(line.split("@progress ", 1)[1])
-        for line in stdout.splitlines()
-        if "@progress " in line
-    ]
+def progress_of(stdout: str) -> list[StageProgress]:
+    found = [parse_progress_line(line) for line in stdout.splitlines()]
+    return [report for report in found if report is not None]
 
 
 def base_config(store: Path, **overrides) -> dict:
@@ -130,7 +128,8 @@ def test_pipeline_pretrain_finetune_classifier_evaluate(tmp_path: Path) -> None:
     done = run_stage(early, tmp_path, nproc=1)
     assert done.returncode == 1
     assert "no final checkpoint" in done.stderr
-    assert checkpoints.read_progress("classifier")["state"] == "failed"
+    failed = checkpoints.read_progress("classifier")
+    assert failed is not None and failed.state == "failed", done.stderr[-3000:]
 
     # 1. LM pretraining from scratch: the loss really goes down on real text.
     scratch = lm.model_copy(update={"discriminative_factor": 1.0})
@@ -140,10 +139,13 @@ def test_pipeline_pretrain_finetune_classifier_evaluate(tmp_path: Path) -> None:
     metrics = metrics_of(done.stdout)
     assert metrics["validLoss"] < math.log(VOCAB) - 1.0  # well below a uniform guess
     lines = progress_of(done.stdout)
-    running = [p for p in lines if p["state"] == "running"]
-    assert running and all(p["tokensPerSecond"] > 0 and "loss" in p for p in running)
-    assert lines[-1]["state"] == "completed" and lines[-1]["step"] == lines[-1]["totalSteps"]
-    assert checkpoints.read_progress("pretrain")["state"] == "completed"
+    running = [p for p in lines if p.state == "running"]
+    assert running and all(
+        p.tokens_per_second and p.tokens_per_second > 0 and p.loss is not None for p in running
+    )
+    assert lines[-1].state == "completed" and lines[-1].step == lines[-1].total_steps
+    completed = checkpoints.read_progress("pretrain")
+    assert completed is not None and completed.state == "completed"
     assert store.joinpath(RUN, "tokenizer", "tokenizer.json").exists()
 
     # 2. LM fine-tuning starts from pretraining's final model (and does better than it did).
@@ -275,8 +277,8 @@ def test_lm_stage_resumes_after_a_kill_at_the_last_committed_step(tmp_path: Path
                           text=True, timeout=600)  # fmt: skip
     check(done)
     assert f"resumed at step {last}" in done.stdout
-    lines = [p for p in progress_of(done.stdout) if p["state"] == "running"]
-    assert lines and min(p["step"] for p in lines) > last  # it never started over
+    lines = [p for p in progress_of(done.stdout) if p.state == "running"]
+    assert lines and min(p.step for p in lines) > last  # it never started over
     final = next(c for c in checkpoints.committed("pretrain") if c.final)
     assert final.meta["resumedFromStep"] == last
     assert final.step == 400

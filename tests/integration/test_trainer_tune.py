@@ -32,6 +32,7 @@ from ulmfit_trainer.config import (
     TokenizerSpec,
     TuneSpec,
 )
+from ulmfit_trainer.records import StageProgress, parse_progress_line
 from ulmfit_trainer.store import CheckpointStore, open_store
 
 from tests.integration.test_trainer_pipeline import check, metrics_of, run_stage, trainer_env
@@ -111,10 +112,9 @@ def run_tune(config: StageConfig, tmp: Path, port: int, timeout: float = 480):
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def progress_lines(stdout: str) -> list[dict]:
-    prefix = "@progress "
-    lines = stdout.splitlines()
-    return [json.loads(line[len(prefix) :]) for line in lines if line.startswith(prefix)]
+def progress_lines(stdout: str) -> list[StageProgress]:
+    found = [parse_progress_line(line) for line in stdout.splitlines()]
+    return [report for report in found if report is not None]
 
 
 @pytest.mark.slow
@@ -145,7 +145,7 @@ def test_asha_sweep_stops_trials_early_and_feeds_the_classifier(tmp_path: Path) 
     # The dashboard answered its HTTP API while the sweep ran, and the stage said where it was.
     assert probe.answer is not None and probe.answer.get("ray_version"), "dashboard never answered"
     lines = progress_lines(done.stdout)
-    assert any(str(p.get("dashboard", "")).endswith(f":{port}") for p in lines), lines[:3]
+    assert any(str(p.dashboard or "").endswith(f":{port}") for p in lines), lines[:3]
     assert "trial" in done.stdout and "status" in done.stdout  # the live trial table
 
     metrics = metrics_of(done.stdout)
@@ -191,5 +191,5 @@ def test_a_sweep_whose_every_trial_fails_ends_with_the_first_error(tmp_path: Pat
     assert done.returncode == 1, done.stdout[-2000:]
     assert "all 2 trials of the sweep failed" in done.stderr, done.stderr[-3000:]
     progress = CheckpointStore(open_store(store), RUN).read_progress("tune")
-    assert progress is not None and progress["state"] == "failed"
-    assert "all 2 trials" in progress["message"]
+    assert progress is not None and progress.state == "failed"
+    assert progress.error is not None and "all 2 trials" in progress.error

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from ulmfit_operator.children import Child, ChildPhase
 from ulmfit_operator.reconcile import (
     CreateObject,
     Decision,
@@ -19,11 +20,10 @@ from ulmfit_operator.reconcile import (
     Observation,
     StopChild,
     final_checkpoint,
-    numeric_metrics,
     reconcile,
 )
 from ulmfit_operator.status import format_time
-from ulmfit_operator.workloads import Child, ChildPhase
+from ulmfit_trainer.records import EvaluationSummary, StageProgress, numeric_values
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,6 +95,23 @@ def child(
     )
 
 
+def progress(stage: str, at: datetime = NOW, **fields: Any) -> StageProgress:
+    """A running attempt's `progress.json`, as the store reads it back."""
+    return StageProgress(stage=stage, state="running", updated_at=format_time(at), **fields)
+
+
+def evaluation(accuracy: float = 0.91, baseline: float = 0.42) -> dict[str, float]:
+    """The evaluate stage's metrics, as it records them with its final checkpoint."""
+    summary = EvaluationSummary(
+        accuracy=accuracy,
+        macroF1=0.88,
+        majority_baseline_accuracy=baseline,
+        expected_calibration_error=0.05,
+        test_examples=200.0,
+    )
+    return summary.to_wire()
+
+
 def final(stage: str, metrics: Mapping[str, float] | None = None, **kw: Any) -> FinalCheckpoint:
     return FinalCheckpoint(
         uri=f"s3://ulmfit-test/ulmfit/team/topics/{stage}/final",
@@ -110,7 +127,7 @@ class Store:
     def __init__(
         self,
         finals: Mapping[str, FinalCheckpoint] | None = None,
-        progress: Mapping[str, Mapping[str, Any]] | None = None,
+        progress: Mapping[str, StageProgress] | None = None,
     ):
         self.finals = dict(finals or {})
         self.progress = dict(progress or {})
@@ -259,15 +276,10 @@ def test_operator_no_duplicate_while_the_child_is_not_yet_seen() -> None:
 
 def test_operator_running_child_shows_progress() -> None:
     body = after(job(), decide(job()))
-    progress = {
-        "stage": "finetune",
-        "phase": 2,
-        "totalPhases": 4,
-        "step": 63,
-        "totalSteps": 100,
-        "updatedAt": format_time(NOW - timedelta(seconds=5)),
-    }
-    decision = decide(body, [child("finetune", 1)], progress={"finetune": progress})
+    report = progress(
+        "finetune", NOW - timedelta(seconds=5), phase=2, total_phases=4, step=63, total_steps=100
+    )
+    decision = decide(body, [child("finetune", 1)], progress={"finetune": report})
     status = decision.status or {}
     assert status["progress"] == "finetune phase 2/4, 63%"
     assert stage_entry(status, "finetune")["state"] == "Running"
@@ -324,10 +336,9 @@ def test_operator_walks_every_stage_to_success() -> None:
         seen_stages.append(stage)
         body = after(body, decision)
         children.append(child(stage, 1, ChildPhase.SUCCEEDED))
-        metrics = {"accuracy": 0.91, "macroF1": 0.88, "majorityBaseline": 0.42}
         finals[stage] = final(
             stage,
-            metrics if stage == "evaluate" else {"loss": 1.0},
+            evaluation() if stage == "evaluate" else {"loss": 1.0},
             model_uri="s3://ulmfit-test/ulmfit/team/topics/model" if stage == "evaluate" else None,
         )
     store = Store(finals=finals)
@@ -342,12 +353,12 @@ def test_operator_walks_every_stage_to_success() -> None:
     assert running is not None and running["status"] == "False"
     assert status["result"] == {
         "modelUri": "s3://ulmfit-test/ulmfit/team/topics/model",
-        "testMetrics": {"accuracy": 0.91, "macroF1": 0.88, "majorityBaseline": 0.42},
+        "testMetrics": evaluation(),
     }
     assert status["progress"] == "Succeeded"
     assert all(s["state"] == "Succeeded" for s in status["stages"])
     assert [e.reason for e in decision.events] == ["StageSucceeded", "Succeeded"]
-    assert "accuracy 0.9100" in decision.events[-1].message
+    assert "test accuracy 0.9100 (majority baseline 0.4200)" in decision.events[-1].message
     assert seen_stages == ["pretrain", "finetune", "classifier", "evaluate"]
     finished = decide(after(body, decision), children, finals=finals)
     assert finished.status is None and finished.actions == () and finished.events == ()
@@ -433,8 +444,8 @@ def test_operator_stalled_attempt_is_stopped_and_counted() -> None:
     body = after(job(), decide(job()))
     started = NOW - timedelta(hours=2)
     running = child("finetune", 1, created=started)
-    progress = {"stage": "finetune", "step": 5, "updatedAt": format_time(NOW - timedelta(hours=1))}
-    decision = decide(body, [running], progress={"finetune": progress})
+    report = progress("finetune", NOW - timedelta(hours=1), step=5)
+    decision = decide(body, [running], progress={"finetune": report})
     [stop] = [a for a in decision.actions if isinstance(a, StopChild)]
     assert stop.child.name == "topics-finetune-a1" and stop.reason == "ProgressDeadlineExceeded"
     assert stop.resource_version == "7"
@@ -449,10 +460,8 @@ def test_operator_stalled_attempt_is_stopped_and_counted() -> None:
 def test_operator_progress_from_an_earlier_attempt_does_not_count() -> None:
     body = after(job(), decide(job()))
     created = NOW - timedelta(minutes=10)
-    progress = {"stage": "finetune", "updatedAt": format_time(created - timedelta(hours=3))}
-    decision = decide(
-        body, [child("finetune", 2, created=created)], progress={"finetune": progress}
-    )
+    report = progress("finetune", created - timedelta(hours=3))
+    decision = decide(body, [child("finetune", 2, created=created)], progress={"finetune": report})
     assert not [a for a in decision.actions if isinstance(a, StopChild)]
     assert decision.requeue_after == pytest.approx(1800 - 600, abs=1)
 
@@ -535,14 +544,34 @@ def test_operator_event_messages_stay_under_the_api_limit() -> None:
     assert decision.events and all(len(e.message) < 1024 for e in decision.events)
 
 
-def test_operator_numeric_metrics_keep_only_finite_numbers() -> None:
+def test_operator_final_checkpoint_keeps_only_finite_numeric_metrics() -> None:
     raw = {"accuracy": 0.9, "n": 10, "flag": True, "name": "x", "nan": float("nan"), "d": {}}
-    assert numeric_metrics(raw) == {"accuracy": 0.9, "n": 10.0}
+    assert numeric_values(raw) == {"accuracy": 0.9, "n": 10.0}
     checkpoint = final_checkpoint(
         "s3://b/p", "2026-03-01T12:01:00.000Z", {"metrics": raw, "modelUri": "s3://b/model"}
     )
+    assert checkpoint.metrics == {"accuracy": 0.9, "n": 10.0}
     assert checkpoint.model_uri == "s3://b/model"
     assert checkpoint.created_at == CREATED + timedelta(minutes=1)
+    # A meta that is not a stage result still marks the stage done, without its facts.
+    odd = final_checkpoint("s3://b/p", "2026-03-01T12:01:00.000Z", {"metrics": "not a map"})
+    assert odd.uri == "s3://b/p" and odd.metrics == {} and odd.model_uri is None
+
+
+def test_operator_success_summary_names_the_majority_baseline_the_evaluate_stage_wrote() -> None:
+    # What the evaluate stage commits: the summary numbers plus structured entries.
+    written = {**evaluation(0.8125, 0.3125), "majorityBaseline": {"label": "a", "accuracy": 0.3}}
+    evaluate = final_checkpoint(
+        "s3://b/evaluate/final", format_time(NOW), {"metrics": written, "modelUri": "s3://m"}
+    )
+    finals = {stage: final(stage) for stage in ("finetune", "classifier")}
+    decision = decide(job(), finals={**finals, "evaluate": evaluate})
+    assert decision.state == "Succeeded"
+    succeeded = condition(decision.status or {}, "Succeeded")
+    assert succeeded is not None
+    assert succeeded["message"].endswith("; test accuracy 0.8125 (majority baseline 0.3125)")
+    assert decision.events[-1].message == succeeded["message"]
+    assert (decision.status or {})["result"]["testMetrics"]["majorityBaselineAccuracy"] == 0.3125
 
 
 # ------------------------------------------------------------------ the DAG: cotrain and tune
@@ -596,7 +625,7 @@ def test_operator_cotrain_models_of_a_round_start_together() -> None:
     running = [child("cotrain-rules", 1, ChildPhase.SUCCEEDED), child("cotrain-tail", 1)]
     store = Store(
         finals={**finals, "cotrain-rules": final("cotrain-rules")},
-        progress={"cotrain-tail": {"step": 5, "totalSteps": 10, "updatedAt": format_time(NOW)}},
+        progress={"cotrain-tail": progress("cotrain-tail", step=5, total_steps=10)},
     )
     waiting = store.decide(body, running)
     assert not creates(waiting)
@@ -641,7 +670,7 @@ def test_operator_backoff_is_counted_per_parallel_stage() -> None:
         child("cotrain-rules", 2, ChildPhase.FAILED),
         child("cotrain-tail", 2),
     ]
-    store = Store(finals=finals, progress={"cotrain-tail": {"updatedAt": format_time(NOW)}})
+    store = Store(finals=finals, progress={"cotrain-tail": progress("cotrain-tail")})
     failed = store.decide(body, children)
     status = failed.status or {}
     flag = condition(status, "Failed")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from ulmfit_trainer.config import S3Settings
+from ulmfit_trainer.records import StageProgress
 from ulmfit_trainer.store import (
     Checkpoint,
     CheckpointCorrupt,
@@ -22,7 +24,6 @@ from ulmfit_trainer.store import (
     LocalStore,
     NoCheckpoint,
     ObjectNotFound,
-    S3Settings,
     S3Store,
     Store,
     StoreError,
@@ -356,12 +357,15 @@ class TestStoreContract:
         assert checkpoints.read_progress("finetune") is None
         written = checkpoints.write_progress(
             "finetune",
-            {"phase": "lm", "step": 40, "totalSteps": 100, "loss": 2.5, "tokensPerSecond": 1e4},
-        )
+            StageProgress(
+                stage="finetune", state="running", phase="lm", step=40, total_steps=100,
+                loss=2.5, tokens_per_second=1e4,
+            ),
+        )  # fmt: skip
         read = checkpoints.read_progress("finetune")
         assert read == written
-        assert read["stage"] == "finetune" and read["step"] == 40
-        assert read["updatedAt"].endswith("Z")
+        assert read is not None and read.stage == "finetune" and read.step == 40
+        assert read.updated_at.endswith("Z")
         # progress.json sits beside the checkpoints and is not one of them.
         assert checkpoints.committed("finetune") == []
 
@@ -408,12 +412,12 @@ def test_local_writes_are_atomic_and_leave_no_temporaries(tmp_path: Path) -> Non
             buffer[:3] = b"abc"
             return 3
 
-    from ulmfit_trainer import store as store_module
+    from ulmfit_trainer.store import files
 
     with pytest.raises(Boom):
-        store_module._write_atomic(
+        files.write_atomic(
             tmp_path / "s" / "a" / "b",
-            lambda dst: store_module._copy_hashing(Exploding(), dst),
+            lambda dst: files.copy_hashing(Exploding(), dst),
             durable=True,
         )
     assert store.get_bytes("a/b") == b"1"  # the old content survives a failed write

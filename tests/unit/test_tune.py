@@ -1,5 +1,6 @@
-"""The tune stage's pure parts: search-space checks and translation to Ray Tune, applying the
-best parameters, trial bookkeeping and the trial table."""
+"""The tune stage's pure parts (``stages.sweep``): search-space checks and translation to Ray
+Tune, applying the best parameters, trial bookkeeping, the trial table and the board's progress
+record; and the stage's mapping of scheduler and search kinds to Ray's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from ulmfit_trainer.config import ClassifierStageSpec, SearchDomain, StageConfig, TuneSpec
 from ulmfit_trainer.errors import InvalidSpec, PermanentError
-from ulmfit_trainer.stages.tune import (
+from ulmfit_trainer.stages.sweep import (
     TrialRecord,
     apply_best_params,
     best_record,

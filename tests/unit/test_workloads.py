@@ -7,21 +7,19 @@ from typing import Any
 
 import pytest
 from ulmfit_operator.api import Metadata, ULMFiTJob, parse_spec
+from ulmfit_operator.children import ANNOTATION_STOPPED, ChildPhase, observe_child, stop_patch
 from ulmfit_operator.plan import make_plan
 from ulmfit_operator.workloads import (
-    ANNOTATION_STOPPED,
     MAX_CHILD_NAME,
-    ChildPhase,
+    Attempt,
     Owner,
     child_name,
+    child_workload,
     dashboard_service,
     dashboard_service_name,
     evaluate_job,
-    observe_child,
     pytorch_job,
-    stage_child,
     stage_config_map,
-    stop_patch,
     tune_gpus,
     tune_job,
     tune_rayjob,
@@ -61,7 +59,7 @@ def container(pod_template: dict[str, Any]) -> dict[str, Any]:
 def test_operator_pytorchjob_has_master_workers_gpus_and_torchrun() -> None:
     spec, plan = planned()
     stage = plan.stage("classifier")
-    body = pytorch_job(OWNER, stage, spec, attempt=2, init_checkpoint="s3://ulmfit/x/final")
+    body = pytorch_job(Attempt(OWNER, stage, spec, 2, init_checkpoint="s3://ulmfit/x/final"))
     assert body["apiVersion"] == "kubeflow.org/v1" and body["kind"] == "PyTorchJob"
     meta = body["metadata"]
     assert meta["name"] == "topics-classifier-a2" and meta["namespace"] == "team"
@@ -115,7 +113,7 @@ def test_operator_pytorchjob_has_master_workers_gpus_and_torchrun() -> None:
 
 def test_operator_cpu_job_without_workers_or_gpus() -> None:
     spec, plan = planned({"storage": SPEC["storage"]})
-    body = pytorch_job(OWNER, plan.stage("finetune"), spec, attempt=1)
+    body = pytorch_job(Attempt(OWNER, plan.stage("finetune"), spec, 1))
     assert set(body["spec"]["pytorchReplicaSpecs"]) == {"Master"}
     limits = container(body["spec"]["pytorchReplicaSpecs"]["Master"]["template"])["resources"]
     assert "nvidia.com/gpu" not in limits["limits"]
@@ -124,7 +122,7 @@ def test_operator_cpu_job_without_workers_or_gpus() -> None:
 
 def test_operator_evaluate_is_a_single_pod_batch_job() -> None:
     spec, plan = planned()
-    body = evaluate_job(OWNER, plan.stage("evaluate"), spec, attempt=1)
+    body = evaluate_job(Attempt(OWNER, plan.stage("evaluate"), spec, 1))
     assert body["apiVersion"] == "batch/v1" and body["kind"] == "Job"
     assert body["spec"]["backoffLimit"] == 0
     template = body["spec"]["template"]
@@ -166,7 +164,7 @@ def test_operator_child_names_are_deterministic_and_fit() -> None:
 def _pytorchjob(conditions: list[dict[str, str]], **extra: Any) -> dict[str, Any]:
     _, plan = planned({"storage": SPEC["storage"]})
     spec = parse_spec({"storage": SPEC["storage"]})
-    body = pytorch_job(OWNER, plan.stage("finetune"), spec, attempt=1)
+    body = pytorch_job(Attempt(OWNER, plan.stage("finetune"), spec, 1))
     body["metadata"].update(
         {"creationTimestamp": "2026-03-01T12:00:00Z", "resourceVersion": "9"}, **extra
     )
@@ -211,7 +209,7 @@ def test_operator_reads_pytorchjob_conditions(
 
 def test_operator_reads_batch_job_status() -> None:
     spec, plan = planned()
-    body = evaluate_job(OWNER, plan.stage("evaluate"), spec, attempt=1)
+    body = evaluate_job(Attempt(OWNER, plan.stage("evaluate"), spec, 1))
     body["status"] = {"active": 1}
     child = observe_child(body)
     assert child is not None and child.phase == ChildPhase.RUNNING
@@ -253,7 +251,7 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_operator_tune_pod_runs_the_sweep_with_the_dashboard_open() -> None:
     spec, plan = tuned(gpusPerTrial=0.5, concurrentTrials=3)
     stage = plan.stage("tune")
-    body = tune_job(OWNER, stage, spec, attempt=1)
+    body = tune_job(Attempt(OWNER, stage, spec, 1))
     assert body["kind"] == "Job" and body["metadata"]["name"] == "topics-tune-a1"
     assert body["spec"]["backoffLimit"] == 0
     template = body["spec"]["template"]
@@ -283,7 +281,7 @@ def test_operator_tune_pod_runs_the_sweep_with_the_dashboard_open() -> None:
     ]
     assert selects(service["spec"]["selector"], template["metadata"]["labels"])
     # Not the pods of other stages.
-    classifier = pytorch_job(OWNER, plan.stage("classifier"), spec, attempt=1)
+    classifier = pytorch_job(Attempt(OWNER, plan.stage("classifier"), spec, 1))
     master = classifier["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
     assert not selects(service["spec"]["selector"], master["metadata"]["labels"])
 
@@ -300,8 +298,9 @@ def test_operator_tune_gpus_follow_concurrency_or_the_worker_size() -> None:
 def test_operator_tune_rayjob_has_a_head_workers_and_the_entrypoint() -> None:
     spec, plan = tuned(backend="rayjob")
     stage = plan.stage("tune")
-    body = stage_child(OWNER, stage, spec, 1, "s3://ulmfit/ft/final", backend=TuneBackend.RAYJOB)
-    assert body == tune_rayjob(OWNER, stage, spec, 1, "s3://ulmfit/ft/final")
+    attempt = Attempt(OWNER, stage, spec, 1, "s3://ulmfit/ft/final")
+    body = child_workload(attempt, TuneBackend.RAYJOB)
+    assert body == tune_rayjob(attempt)
     assert body["apiVersion"] == "ray.io/v1" and body["kind"] == "RayJob"
     assert body["metadata"]["ownerReferences"] == [OWNER.reference()]
     assert body["metadata"]["labels"]["ulmfit.io/stage"] == "tune"
@@ -322,7 +321,7 @@ def test_operator_tune_rayjob_has_a_head_workers_and_the_entrypoint() -> None:
     # A single-worker job: the head alone runs the trials.
     one = {**SPEC, "resources": {**SPEC["resources"], "workers": 1}}
     spec, plan = planned({**one, "stages": {"tune": TUNE}})
-    alone = tune_rayjob(OWNER, plan.stage("tune"), spec, 1)
+    alone = tune_rayjob(Attempt(OWNER, plan.stage("tune"), spec, 1))
     assert "workerGroupSpecs" not in alone["spec"]["rayClusterSpec"]
 
 
@@ -342,7 +341,7 @@ def test_operator_rayjob_status_reads_back_as_a_phase(
     status: dict[str, Any], spec: dict[str, Any], phase: ChildPhase
 ) -> None:
     parsed, plan = tuned(backend="rayjob")
-    body = tune_rayjob(OWNER, plan.stage("tune"), parsed, 3)
+    body = tune_rayjob(Attempt(OWNER, plan.stage("tune"), parsed, 3))
     body["metadata"]["creationTimestamp"] = "2026-03-01T12:00:00Z"
     body["spec"].update(spec)
     body["status"] = status

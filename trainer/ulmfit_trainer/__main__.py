@@ -6,7 +6,8 @@
 Exit status: 0 when the stage finished (or had already finished), 1 when it failed, 2 for a bad
 command line or config. A stage whose final checkpoint is already committed prints its stored
 metrics and exits before torch is even imported, so rerunning a finished stage costs nothing.
-On success rank 0 prints one ``@metrics {json}`` line on stdout.
+On success rank 0 prints one ``@metrics {json}`` line on stdout; on failure the failing rank
+writes a ``failed`` ``records.StageProgress`` (the error line) as the stage's progress.
 """
 
 from __future__ import annotations
@@ -50,18 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank = int(os.environ.get("RANK", "0"))
 
-    from ulmfit_trainer.store import CheckpointStore, open_store
+    from ulmfit_trainer.records import StageProgress
+    from ulmfit_trainer.store import open_checkpoints
 
     try:
-        checkpoints = CheckpointStore(open_store(config.store_root, config.s3), config.run)
-        finished = [c for c in checkpoints.committed(config.key) if c.final]
+        checkpoints = open_checkpoints(config)
+        finished = checkpoints.final(config.key)
     except Exception as exc:
         print(f"error: cannot read the store {config.store_root}: {exc}", file=sys.stderr)
         return 1
-    if finished:
+    if finished is not None:
         if rank == 0:
-            print(f"stage {args.stage} already finished: {finished[-1].uri}", file=sys.stderr)
-            print(METRICS_PREFIX + json.dumps(finished[-1].meta.get("metrics", {})), flush=True)
+            print(f"stage {args.stage} already finished: {finished.uri}", file=sys.stderr)
+            print(METRICS_PREFIX + json.dumps(finished.meta.get("metrics", {})), flush=True)
         return 0
 
     from ulmfit_trainer.stages import stage_runner
@@ -71,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         log.error("stage %s failed: %s\n%s", args.stage, message, traceback.format_exc())
-        with contextlib.suppress(Exception):  # the failure itself matters more
-            checkpoints.write_progress(
-                config.key, {"state": "failed", "message": message[:1000], "rank": rank}
-            )
+        report = StageProgress(stage=config.key, state="failed", error=message[:1000], rank=rank)
+        try:
+            checkpoints.write_progress(config.key, report)
+        except Exception as store_exc:  # the failure itself matters more; say both
+            log.warning("could not record the failure in the store: %s", store_exc)
         return 1
     finally:
         _leave_process_group()

@@ -1,8 +1,15 @@
 """What a stage receives: settings models shared by the job spec and the trainer.
 
-The operator's ``api.py`` composes these same models into the ``ULMFiTJob`` spec, so a field is
-described, defaulted and validated in exactly one place. No torch import here: the operator
-imports this module.
+Here live the store connection (`S3Settings`, `is_store_key`), every stage's spec (data, model,
+tokenizer, LM, classifier, co-training, sweep, DeepSpeed, storage) and `StageConfig`, the one
+document a stage process reads. The operator's ``api.py`` composes these same models into the
+``ULMFiTJob`` spec, so a field is described, defaulted and validated in exactly one place. No
+torch import here: the operator imports this module.
+
+One module of some 650 lines on purpose: it is the job spec's vocabulary, flat declarations that
+refer to each other (a stage spec names kinds, domains and other specs), from which (through
+``api.py``) the CRD and the README reference are generated; split, one spec would be read across
+several files.
 """
 
 from __future__ import annotations

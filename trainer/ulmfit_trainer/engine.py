@@ -1,15 +1,16 @@
 """A thin DeepSpeed wrapper: distributed start-up, the ULMFiT optimizer, checkpoints, progress.
 
-All I/O of a training stage goes through here: the process group (torchrun's environment, or a
-lone process), a DeepSpeed engine whose param groups carry discriminative rates driven by a
-slanted triangular ``LambdaLR``, checkpoints that every rank writes to the store itself (no shared
-disk between nodes is assumed), and the progress that rank 0 reports to the store and stdout.
+Here live ``Dist`` and ``init_distributed`` (the process group: torchrun's environment, or a lone
+process), ``Engine`` (a DeepSpeed engine whose param groups carry discriminative rates driven by
+a slanted triangular ``LambdaLR``; its checkpoints are written to the store by every rank itself,
+no shared disk between nodes is assumed), ``Progress`` (what rank 0 reports, as a
+``records.StageProgress``, to the store and stdout) and small helpers (seeding, scratch
+directories, logging).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -18,7 +19,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,15 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from ulmfit_trainer.config import DeepSpeedSpec, Precision, StageConfig
+from ulmfit_trainer.config import DeepSpeedSpec, Precision
 from ulmfit_trainer.models import LayerGroup
+from ulmfit_trainer.progress import report_progress
+from ulmfit_trainer.records import StageProgress
 from ulmfit_trainer.schedules import stlr
-from ulmfit_trainer.store import (
-    Checkpoint,
-    CheckpointStore,
-    open_store,
-)
+from ulmfit_trainer.store import Checkpoint, CheckpointStore
 
 log = logging.getLogger(__name__)
 
-PROGRESS_PREFIX = "@progress "
 SHM_POLICY_ENV = "ULMFIT_DS_SHM_COMM"
 
 
@@ -365,10 +362,6 @@ class Engine:
 # --------------------------------------------------------------------------- progress
 
 
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class Progress:
     """Rank 0 reports every ``interval`` seconds: ``progress.json`` in the store (what the operator
     reads) and one ``@progress {json}`` line on stdout (what the local runner reads)."""
@@ -388,7 +381,7 @@ class Progress:
         self._losses: list[float] = []
         self._tokens = 0
         self._since = time.perf_counter()
-        self.last: dict[str, Any] = {}
+        self.last: StageProgress | None = None
 
     def begin(self, total_steps: int, phase: str | None = None, step: int = 0) -> None:
         self.total_steps, self.phase, self.step = total_steps, phase, step
@@ -404,43 +397,33 @@ class Progress:
             self.report("running")
 
     def report(self, state: str, **extra: Any) -> None:
+        """Report ``state`` with the rates since the last report; ``extra`` sets other
+        ``StageProgress`` fields (``metrics=...``, ``step=...``)."""
         if not self.dist.is_main:
             return
         now = time.perf_counter()
         elapsed = max(now - self._since, 1e-9)
-        record: dict[str, Any] = {
+        loss = None
+        if self._losses:
+            loss = round(sum(self._losses) / len(self._losses), 5)
+        elif self.last is not None:
+            loss = self.last.loss
+        fields: dict[str, Any] = {
             "stage": self.stage,
             "phase": self.phase,
             "step": self.step,
-            "totalSteps": self.total_steps,
+            "total_steps": self.total_steps,
             "state": state,
-            "updatedAt": _now_iso(),
+            "loss": loss,
+            # Every rank processes a like share, so rank 0's count times the world size.
+            "tokens_per_second": round(self._tokens * self.dist.world / elapsed, 1),
+            **extra,
         }
-        if self._losses:
-            record["loss"] = round(sum(self._losses) / len(self._losses), 5)
-        elif "loss" in self.last:
-            record["loss"] = self.last["loss"]
-        # Every rank processes a like share, so rank 0's count times the world size.
-        record["tokensPerSecond"] = round(self._tokens * self.dist.world / elapsed, 1)
-        record.update(extra)
-        self.last = record
+        self.last = report_progress(self.checkpoints, StageProgress(**fields))
         self._losses, self._tokens, self._since = [], 0, now
-        print(PROGRESS_PREFIX + json.dumps(record, sort_keys=True), flush=True)
-        try:
-            self.checkpoints.write_progress(self.stage, record)
-        except Exception as exc:  # progress is advisory; training goes on
-            log.warning("could not write progress: %s", exc)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def open_checkpoints(config: StageConfig) -> CheckpointStore:
-    return CheckpointStore(open_store(config.store_root, config.s3), config.run)
-
-
-def final_checkpoint(checkpoints: CheckpointStore, stage: str) -> Checkpoint | None:
-    return checkpoints.final(stage)
 
 
 def seed_everything(seed: int) -> None:

@@ -3,6 +3,11 @@
 Two families: ``causal`` (GPT-2: next-token LM, pooled "last" = last real token) and ``masked``
 (BERT: masked-token LM, pooled "last" = the first, CLS-like token). A model is either loaded from
 a ``save_pretrained`` directory or built from an ``ArchitectureSpec`` with random weights.
+
+One module of some 690 lines on purpose: it is one model, whose parts know each other (layer
+groups split an LM or an ``UlmfitClassifier``, whose backbone is one; the classifier builds its
+head from ``HeadSettings``, and its loss kind decides how logits become probabilities); a split
+would only add imports back and forth between the parts.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ stage's stdout) read them. Three records cross that seam:
 
 Writers build the models; readers parse with `parse_*`, which never raise on a malformed record
 written by someone else: they return `None` (or raise the `ValueError` the caller turns into its
-own error). Keys on the wire are camelCase. No torch or I/O library is imported here: the
-operator imports this module.
+own error). Keys on the wire are camelCase. A record built here is stamped with the time now; a
+record read keeps what it says (a missing timestamp reads as ""), so an old record never looks
+fresh. No torch or I/O library is imported here: the operator imports this module.
 """
 
 from __future__ import annotations
@@ -51,7 +52,23 @@ class _Record(BaseModel):
     )
 
     def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The record as a JSON-ready dict, `None` fields left out. Python mode, so a float
+        stays a float (NaN included, as `json.dumps` writes it) instead of turning into null."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+def _object(raw: bytes | str | dict[str, Any]) -> dict[str, Any]:
+    """A record's decoded JSON object; `ValueError` when it is not one."""
+    data = json.loads(raw) if isinstance(raw, bytes | str) else raw
+    if not isinstance(data, dict):
+        raise ValueError(f"record: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 # ---------------------------------------------------------------------------------- progress
@@ -65,7 +82,7 @@ class StageProgress(_Record):
     state: str
     """`starting`, `running`, `completed`, `failed` or `stopped`."""
     updated_at: str = Field(default_factory=now_iso)
-    """When the report was made (UTC, ISO 8601)."""
+    """When the report was made (UTC, ISO 8601); "" in a record read that did not say."""
     phase: str | int | None = None
     """The phase within the stage (a gradual-unfreezing phase, a co-training round)."""
     total_phases: int | None = None
@@ -87,8 +104,11 @@ class StageProgress(_Record):
     """Where a sweep's Ray dashboard can be reached, when it runs one."""
     error: str | None = None
     """The error line, on a `failed` report."""
+    rank: int | None = None
+    """The rank that made a `failed` report (any rank may fail; rank 0 makes the others)."""
 
     def to_json(self) -> str:
+        """The `progress.json` body (without its trailing newline)."""
         return json.dumps(self.to_wire(), sort_keys=True)
 
     def to_line(self) -> str:
@@ -96,12 +116,20 @@ class StageProgress(_Record):
         return PROGRESS_PREFIX + self.to_json()
 
 
+def load_progress(raw: bytes | str | dict[str, Any]) -> StageProgress:
+    """A `progress.json` body (or its decoded object). Raises `ValueError` naming what is wrong."""
+    data = _object(raw)
+    try:
+        return StageProgress.model_validate({"updatedAt": "", **data})
+    except ValidationError as exc:
+        raise ValueError(_problems(exc)) from None
+
+
 def parse_progress(raw: bytes | str | dict[str, Any]) -> StageProgress | None:
     """A `progress.json` body (or its decoded object); `None` when it is not a progress record."""
     try:
-        data = json.loads(raw) if isinstance(raw, bytes | str) else raw
-        return StageProgress.model_validate(data)
-    except (ValueError, ValidationError):
+        return load_progress(raw)
+    except ValueError:
         return None
 
 
@@ -130,6 +158,11 @@ class StageResult(_Record):
         """The numeric scalars of `metrics` (what fits a status field)."""
         return numeric_values(self.metrics)
 
+    def to_meta(self) -> dict[str, Any]:
+        """What goes into `CheckpointRecord.meta`: exactly the keys the stage set (a `None` it
+        set stays null), so a reader sees what was written."""
+        return self.model_dump(by_alias=True, exclude_unset=True)
+
 
 class CheckpointFile(_Record):
     path: str
@@ -148,26 +181,28 @@ class CheckpointRecord(_Record):
     final: bool = False
     """The stage is finished once a final checkpoint is committed."""
     created_at: str = Field(default_factory=now_iso)
+    """When it was committed (UTC, ISO 8601); "" in a record read that did not say."""
     meta: dict[str, Any] = Field(default_factory=dict)
     """The stage's own record; see `StageResult`."""
-    files: list[CheckpointFile] = Field(default_factory=list)
+    files: list[CheckpointFile]
+    """Every file of the checkpoint; a record without the list is corrupt, not empty."""
 
     def result(self) -> StageResult:
         return StageResult.model_validate(self.meta)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_wire(), indent=2, sort_keys=True) + "\n"
+        """The `meta.json` body: every key, a null `phase` included, as this format has always
+        been written."""
+        return json.dumps(self.model_dump(by_alias=True), indent=2, sort_keys=True) + "\n"
 
 
 def parse_checkpoint_record(raw: bytes | str) -> CheckpointRecord:
     """A `meta.json` body. Raises `ValueError` naming what is wrong."""
+    data = _object(raw)
     try:
-        return CheckpointRecord.model_validate_json(raw)
+        return CheckpointRecord.model_validate({"createdAt": "", **data})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'record'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ValueError(problems) from None
+        raise ValueError(_problems(exc)) from None
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -178,7 +213,8 @@ class EvaluationSummary(_Record):
 
     accuracy: float
     """Test accuracy (exact match for multi-label)."""
-    macro_f1: float = Field(alias="macroF1")
+    macro_f1: float
+    """Mean F1 over the labels (`macroF1` on the wire)."""
     majority_baseline_accuracy: float
     """Accuracy of always predicting the training set's most common label (set)."""
     expected_calibration_error: float
@@ -212,6 +248,7 @@ __all__ = [
     "EvaluationSummary",
     "StageProgress",
     "StageResult",
+    "load_progress",
     "now_iso",
     "numeric_values",
     "parse_checkpoint_record",

@@ -95,6 +95,12 @@ express and that would otherwise install an operator that cannot work.
 {{- if eq (int $v.metricsPort) (int $v.healthPort) -}}
 {{- $problems = append $problems (printf "metricsPort and healthPort are both %d: they are two servers and need two ports." (int $v.metricsPort)) -}}
 {{- end -}}
+{{- if le (float64 $v.resyncSeconds) 0.0 -}}
+{{- $problems = append $problems (printf "resyncSeconds is %v: the operator needs a positive interval between resyncs." $v.resyncSeconds) -}}
+{{- end -}}
+{{- if lt (float64 $v.leaseDuration) 1.0 -}}
+{{- $problems = append $problems (printf "leaseDuration is %v: a Lease holds for whole seconds, at least 1." $v.leaseDuration) -}}
+{{- end -}}
 {{- if and (not $v.rbac.create) (not $v.serviceAccount.create) (not $v.serviceAccount.name) -}}
 {{- $problems = append $problems "serviceAccount.create and rbac.create are false but serviceAccount.name is empty: name the existing ServiceAccount that holds the operator's rights." -}}
 {{- end -}}

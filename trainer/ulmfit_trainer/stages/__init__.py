@@ -1,8 +1,14 @@
-"""The pipeline's stages. Each module has ``run(config: StageConfig) -> dict[str, float]``; every
-rank calls it and rank 0's metrics are the stage's result.
+"""The pipeline's stages, and ``Context``: what every stage starts with.
 
-``Context`` is what every stage starts with: the process group, the run's checkpoint store, a
-scratch directory, the dataset and the job's tokenizer.
+Each stage module (``lm``, ``cotrain``, ``classifier``, ``tune``, ``evaluate``) has
+``run(config: StageConfig) -> dict[str, float]``; every rank calls it and rank 0's metrics are
+the stage's result. ``fitting`` (gradual unfreezing, shared by the classifier, co-training and
+each sweep trial) and ``sweep`` (a sweep's bookkeeping, without Ray) are not stages. Imports run
+one way: ``classifier`` uses ``cotrain``, ``sweep`` and ``fitting``; ``cotrain`` uses
+``fitting``; ``tune`` uses ``sweep`` (and the classifier stage in each trial).
+
+``Context`` holds the process group, the run's checkpoint store, a scratch directory, the dataset
+and the job's tokenizer.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ulmfit_trainer.config import StageConfig, StageName
+from ulmfit_trainer.errors import PermanentError
+from ulmfit_trainer.store import CheckpointStore, NoCheckpoint, open_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,7 @@ def stage_runner(stage: StageName) -> Callable[[StageConfig], dict[str, float]]:
 class Context:
     config: StageConfig
     dist: Any  # engine.Dist
-    checkpoints: Any  # store.CheckpointStore
+    checkpoints: CheckpointStore
     work: Path
     _dataset: Any = field(default=None, repr=False)
 
@@ -55,7 +63,7 @@ class Context:
         # The same seed on every rank: models are built identically before DeepSpeed syncs them,
         # and the data order is dealt from one shared permutation.
         engine.seed_everything(config.seed)
-        return cls(config, dist, engine.open_checkpoints(config), engine.workdir())
+        return cls(config, dist, open_checkpoints(config), engine.workdir())
 
     def dataset(self):
         from ulmfit_trainer.data import load_dataset
@@ -82,10 +90,7 @@ class Context:
 
     def check_tokenizer(self, stage: StageName, tok_hash: str) -> None:
         """Weights and vocabulary must belong together: compare the hash ``stage`` recorded."""
-        from ulmfit_trainer.engine import final_checkpoint
-        from ulmfit_trainer.errors import PermanentError
-
-        final = final_checkpoint(self.checkpoints, stage.value)
+        final = self.checkpoints.final(stage.value)
         expected = final.meta.get("tokenizerHash") if final is not None else None
         if expected and tok_hash and expected != tok_hash:
             raise PermanentError(
@@ -95,9 +100,6 @@ class Context:
 
     def init_dir(self, stage: StageName) -> Path:
         """Download ``stage``'s final checkpoint (the model it exported) and return its folder."""
-        from ulmfit_trainer.errors import PermanentError
-        from ulmfit_trainer.store import NoCheckpoint
-
         target = self.work / f"init-{stage.value}"
         try:
             self.checkpoints.load(stage.value, target, tag="final")

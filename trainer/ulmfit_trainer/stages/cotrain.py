@@ -7,7 +7,7 @@ trains on the gold train set, the pool documents its weak source labels (rules o
 field) and, from round 2 on, the previous round's pseudo-labels, all read through its own view
 (text field, head or tail of the document). It then predicts the whole pool; its final checkpoint
 holds those votes, and ``pseudo_labels`` turns the votes of several models into training labels
-where enough of them agree confidently.
+where enough of them agree confidently. The training itself is ``fitting.fit``.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from ulmfit_trainer.config import (
 )
 from ulmfit_trainer.data import TextDataset, dataset_dir, eval_shard, pad_batch, read_jsonl
 from ulmfit_trainer.data import seeded_sample as sample
-from ulmfit_trainer.engine import Progress, final_checkpoint
+from ulmfit_trainer.engine import Progress
 from ulmfit_trainer.errors import InvalidSpec, PermanentError
 from ulmfit_trainer.models import UlmfitClassifier, probabilities
 from ulmfit_trainer.stages import Context
-from ulmfit_trainer.stages.classifier import TrainingSet, fit
+from ulmfit_trainer.stages.fitting import TrainingSet, fit
 from ulmfit_trainer.store import NoCheckpoint
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def weak_labels(
 def run(config: StageConfig) -> dict[str, float]:
     """Train this stage's co-training model and commit its votes on the pool."""
     ctx = Context.start(config)
-    done = final_checkpoint(ctx.checkpoints, ctx.stage)
+    done = ctx.checkpoints.final(ctx.stage)
     if done is not None:
         return done.meta.get("metrics", {})
     cotrain, spec_all = config.cotrain, config.classifier

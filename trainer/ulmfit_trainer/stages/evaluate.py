@@ -5,7 +5,8 @@ tuned on validation), predicts the test split (each rank a share), and reports
 accuracy, macro-F1, a per-class report, the confusion matrix, the majority-class baseline and the
 expected calibration error. The model goes to ``<run>/model/`` in plain transformers layout
 (``AutoModel`` / ``AutoTokenizer.from_pretrained`` load it; id2label in its config) with the head
-beside it, and the full report to ``<run>/evaluate/metrics.json``.
+beside it, and the full report to ``<run>/evaluate/metrics.json``. The stage's metrics are a
+``records.EvaluationSummary``: its keys are what the operator and the local runner read.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 
 from ulmfit_trainer.config import HeadKind, LossKind, StageConfig, StageName
 from ulmfit_trainer.data import encode_classification, eval_shard, pad_batch
-from ulmfit_trainer.engine import Progress, final_checkpoint
+from ulmfit_trainer.engine import Progress
 from ulmfit_trainer.errors import PermanentError
 from ulmfit_trainer.models import UlmfitClassifier, probabilities
+from ulmfit_trainer.records import EvaluationSummary, StageResult
 from ulmfit_trainer.stages import Context
 from ulmfit_trainer.tokenize import load_tokenizer
 
@@ -34,7 +36,7 @@ ECE_BINS = 15
 def run(config: StageConfig) -> dict[str, float]:
     ctx = Context.start(config, use_deepspeed=False)  # inference only
     stage, dist = ctx.stage, ctx.dist
-    done = final_checkpoint(ctx.checkpoints, stage)
+    done = ctx.checkpoints.final(stage)
     if done is not None:
         return done.meta.get("metrics", {})
     progress = Progress(ctx.checkpoints, stage, dist, config.progress_interval_seconds)
@@ -86,7 +88,8 @@ def run(config: StageConfig) -> dict[str, float]:
             probs_all, test.targets, settings.labels, settings.multi_label, train,
             thresholds=settings.decision_thresholds(),
         )  # fmt: skip
-        metrics = report["summary"]
+        summary = EvaluationSummary.model_validate(report["summary"])
+        metrics = summary.to_wire()
         model_uri = export(ctx, model_dir)
         report["modelUri"] = model_uri
         text = json.dumps(report, indent=2, sort_keys=True) + "\n"
@@ -97,10 +100,10 @@ def run(config: StageConfig) -> dict[str, float]:
         out = ctx.work / "evaluate"
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text(text)
-        meta = {"metrics": metrics, "modelUri": model_uri}
+        meta = StageResult(metrics=metrics, model_uri=model_uri).to_meta()
         ctx.checkpoints.save(stage, "final", out, meta, final=True)
         log.info("test accuracy %.4f (majority baseline %.4f), model at %s",
-                 metrics["accuracy"], metrics["majorityBaselineAccuracy"], model_uri)  # fmt: skip
+                 summary.accuracy, summary.majority_baseline_accuracy, model_uri)  # fmt: skip
         progress.report("completed", metrics=metrics)
     dist.barrier()
     return metrics
@@ -125,8 +128,9 @@ def score(
     train_targets: list,
     thresholds: list[float] | None = None,
 ) -> dict:
-    """The full report; ``summary`` holds the flat numbers a stage returns. Multi-label
-    predictions are the labels whose probability reaches its threshold (default 0.5)."""
+    """The full report; ``summary`` holds the flat numbers a stage returns (an
+    ``EvaluationSummary`` on the wire). Multi-label predictions are the labels whose probability
+    reaches its threshold (default 0.5)."""
     if multi_label:
         cuts = thresholds or [0.5] * len(labels)
         return _score_multi_label(probs, targets, labels, train_targets, cuts)
@@ -145,13 +149,13 @@ def score(
         majority_accuracy = float((targets == index).float().mean())
     confidence, _ = probs.max(-1)
     ece = expected_calibration_error(confidence, (predicted == targets).float())
-    summary = {
-        "accuracy": accuracy,
-        "macroF1": macro_f1,
-        "majorityBaselineAccuracy": majority_accuracy,
-        "expectedCalibrationError": ece,
-        "testExamples": float(len(targets)),
-    }
+    summary = EvaluationSummary(
+        accuracy=accuracy,
+        macro_f1=macro_f1,
+        majority_baseline_accuracy=majority_accuracy,
+        expected_calibration_error=ece,
+        test_examples=float(len(targets)),
+    ).to_wire()
     return {
         "summary": summary,
         "labels": labels,
@@ -199,13 +203,13 @@ def _score_multi_label(probs, targets, labels, train_targets, thresholds) -> dic
         torch.where(predicted > 0, probs, 1 - probs).flatten(),
         (predicted == targets).float().flatten(),
     )
-    summary = {
-        "accuracy": exact,
-        "macroF1": sum(c["f1"] for c in per_class.values()) / len(labels),
-        "majorityBaselineAccuracy": majority_accuracy,
-        "expectedCalibrationError": ece,
-        "testExamples": float(len(targets)),
-    }
+    summary = EvaluationSummary(
+        accuracy=exact,
+        macro_f1=sum(c["f1"] for c in per_class.values()) / len(labels),
+        majority_baseline_accuracy=majority_accuracy,
+        expected_calibration_error=ece,
+        test_examples=float(len(targets)),
+    ).to_wire()
     return {
         "summary": summary,
         "labels": labels,

@@ -19,9 +19,9 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedModel
 
 from ulmfit_trainer.config import ModelFamily, StageConfig, StageName
 from ulmfit_trainer.data import ShardedOrder, eval_shard, lm_blocks, lm_texts
-from ulmfit_trainer.engine import Engine, Progress, final_checkpoint
+from ulmfit_trainer.engine import Engine, Progress
 from ulmfit_trainer.errors import InvalidSpec, PermanentError
-from ulmfit_trainer.models import build_lm, layer_groups, load_lm
+from ulmfit_trainer.models import build_lm, family_of, layer_groups, load_lm
 from ulmfit_trainer.schedules import discriminative_lrs, total_steps
 from ulmfit_trainer.stages import Context
 from ulmfit_trainer.store import fetch
@@ -34,7 +34,7 @@ def run(config: StageConfig) -> dict[str, float]:
     ctx = Context.start(config)
     stage, spec, dist = ctx.stage, config.lm, ctx.dist
     assert spec is not None  # StageConfig validates that LM stages carry `lm`
-    done = final_checkpoint(ctx.checkpoints, stage)
+    done = ctx.checkpoints.final(stage)
     if done is not None:
         return done.meta.get("metrics", {})
     progress = Progress(ctx.checkpoints, stage, dist, config.progress_interval_seconds)
@@ -184,8 +184,6 @@ class Batches:
 
 
 def _is_masked(model: PreTrainedModel) -> bool:
-    from ulmfit_trainer.models import family_of
-
     return family_of(model) == ModelFamily.MASKED
 
 

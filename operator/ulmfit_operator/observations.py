@@ -1,0 +1,77 @@
+"""Pure: what reconcile knows of the store, and how it asks for more.
+
+Per stage, the store holds a final checkpoint (the stage is done) and a `progress.json` (what a
+running attempt last reported). `reconcile` reads them from an `Observation`; when it needs a
+fact the observation lacks it returns `NeedStore`, and the caller reads it and asks again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import ValidationError
+from ulmfit_trainer.config import S3Settings
+from ulmfit_trainer.records import StageProgress, StageResult, numeric_values
+
+from ulmfit_operator.status import parse_time
+
+
+@dataclass(frozen=True)
+class FinalCheckpoint:
+    """A stage's committed final checkpoint, as the store holds it."""
+
+    uri: str
+    created_at: datetime | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """The numeric scalars of the stage's result metrics (what fits the status)."""
+    model_uri: str | None = None
+    """Where the stage exported a model, when it says so in its meta (`modelUri`)."""
+    best_params: Mapping[str, float] | None = None
+    """A tune stage's best hyperparameters (its meta's `bestParams`)."""
+
+
+def final_checkpoint(uri: str, created_at: str, meta: Mapping[str, Any]) -> FinalCheckpoint:
+    """A store checkpoint's facts that reconcile uses (the caller reads the store). `meta` is the
+    stage's `StageResult`; one that does not parse still marks the stage done, without facts."""
+    try:
+        result = StageResult.model_validate(dict(meta))
+    except ValidationError:
+        result = StageResult()
+    return FinalCheckpoint(
+        uri=uri,
+        created_at=parse_time(created_at),
+        metrics=result.numeric_metrics(),
+        model_uri=result.model_uri or None,
+        best_params=numeric_values(result.best_params) if result.best_params is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Store facts read so far, per stage name; a stage missing from a map was not read."""
+
+    checkpoints: Mapping[str, FinalCheckpoint | None] = field(default_factory=dict)
+    progress: Mapping[str, StageProgress | None] = field(default_factory=dict)
+
+    def with_checkpoint(self, stage: str, value: FinalCheckpoint | None) -> Observation:
+        return Observation({**self.checkpoints, stage: value}, self.progress)
+
+    def with_progress(self, stage: str, value: StageProgress | None) -> Observation:
+        return Observation(self.checkpoints, {**self.progress, stage: value})
+
+
+@dataclass(frozen=True)
+class NeedStore:
+    """Reconcile needs a store fact: read it, add it to the observation, call again."""
+
+    stage: str
+    what: Literal["checkpoint", "progress"]
+    run: str
+    """`<namespace>/<job>`: where the job's objects live in the store."""
+    s3: S3Settings | None
+
+
+__all__ = ["FinalCheckpoint", "NeedStore", "Observation", "final_checkpoint"]
