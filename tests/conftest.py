@@ -3,4 +3,6 @@ pytest_plugins = [
     "tests.harness.s3",
     "tests.harness.tools",
     "tests.harness.cluster",
+    "tests.harness.skips",
+    "pytester",
 ]

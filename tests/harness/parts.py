@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -23,3 +24,21 @@ def require(available: bool, what: str, how: str) -> None:
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def require_modules(*names: str) -> None:
+    """`require` for Python modules; may be called at module level (skips the whole module)."""
+    missing = [name for name in names if not _importable(name)]
+    if not missing:
+        return
+    message = f"{', '.join(missing)} not installed: pip install -e '.[trainer,dev]'"
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package of a dotted name is missing
+        return False

@@ -12,11 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
-pytest.importorskip("transformers")
-
 from ulmfit_trainer.config import (
     ArchitectureSpec,
     ClassifierStageSpec,
@@ -28,7 +23,10 @@ from ulmfit_trainer.config import (
 )
 from ulmfit_trainer.store import CheckpointStore, open_store
 
+from tests.harness.parts import require_modules
 from tests.integration.test_trainer_pipeline import check, metrics_of, run_stage
+
+require_modules("torch", "deepspeed", "transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "ulmfitjob-cotrain.yaml"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from tests.harness.parts import require_modules
 
+require_modules("torch", "transformers")
+import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from ulmfit_trainer.config import DataSpec, ModelFamily  # noqa: E402
 from ulmfit_trainer.data import (  # noqa: E402

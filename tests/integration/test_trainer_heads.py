@@ -14,11 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
-pytest.importorskip("transformers")
-
 from ulmfit_trainer.config import (
     ArchitectureSpec,
     ClassifierStageSpec,
@@ -28,6 +23,7 @@ from ulmfit_trainer.config import (
     StageConfig,
 )
 
+from tests.harness.parts import require_modules
 from tests.integration.test_trainer_pipeline import (
     RUN,
     base_config,
@@ -36,6 +32,8 @@ from tests.integration.test_trainer_pipeline import (
     run_stage,
     trainer_env,
 )
+
+require_modules("torch", "deepspeed", "transformers")
 
 CONTEXT = 64
 EVAL_EXAMPLES = 400

@@ -15,11 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
-pytest.importorskip("transformers")
-
 from ulmfit_trainer.config import (
     ArchitectureSpec,
     ClassifierStageSpec,
@@ -31,6 +26,10 @@ from ulmfit_trainer.config import (
 )
 from ulmfit_trainer.records import StageProgress, parse_progress_line
 from ulmfit_trainer.store import CheckpointStore, open_store
+
+from tests.harness.parts import require_modules
+
+require_modules("torch", "deepspeed", "transformers")
 
 TRAINER = Path(__file__).resolve().parents[2] / "trainer"
 RUN = "testing/debian-topics"

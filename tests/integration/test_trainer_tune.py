@@ -17,11 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
-pytest.importorskip("ray.tune")
-
 from ulmfit_trainer.config import (
     ArchitectureSpec,
     ClassifierStageSpec,
@@ -35,7 +30,10 @@ from ulmfit_trainer.config import (
 from ulmfit_trainer.records import StageProgress, parse_progress_line
 from ulmfit_trainer.store import CheckpointStore, open_store
 
+from tests.harness.parts import require_modules
 from tests.integration.test_trainer_pipeline import check, metrics_of, run_stage, trainer_env
+
+require_modules("torch", "deepspeed", "ray.tune")
 
 RUN = "testing/debian-sweep"
 

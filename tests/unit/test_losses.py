@@ -6,8 +6,10 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.harness.parts import require_modules
 
+require_modules("torch")
+import torch  # noqa: E402
 from ulmfit_trainer.config import ClassifierStageSpec, LossKind  # noqa: E402
 from ulmfit_trainer.errors import InvalidSpec  # noqa: E402
 from ulmfit_trainer.losses import class_weights, f1, tune_thresholds  # noqa: E402

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests.harness.parts import require_modules
 
+require_modules("torch", "transformers")
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
 from ulmfit_trainer.config import ArchitectureSpec, LossKind, ModelFamily  # noqa: E402
 from ulmfit_trainer.models import (  # noqa: E402
     HEAD_SETTINGS,

@@ -29,6 +29,8 @@ from ulmfit_trainer.stages.sweep import (
 )
 from ulmfit_trainer.store import CheckpointStore, open_store
 
+from tests.harness.parts import require_modules
+
 BASE = ClassifierStageSpec(unfreeze_phases=3, learning_rate=2e-3, batch_size=16)
 
 
@@ -80,7 +82,7 @@ def test_pbt_with_optuna_is_rejected() -> None:
 
 
 def test_search_space_samples_stay_in_bounds_with_the_right_types() -> None:
-    pytest.importorskip("ray.tune")
+    require_modules("ray.tune")
     spec = space(
         learningRate={"type": "loguniform", "low": 1e-4, "high": 1e-2},
         dropout={"type": "uniform", "low": 0.1, "high": 0.3},
@@ -197,7 +199,7 @@ def test_apply_best_params_reads_the_sweeps_final_checkpoint(tmp_path: Path) -> 
     ],
 )
 def test_each_scheduler_kind_maps_to_its_ray_scheduler(kind: str, expected: str) -> None:
-    pytest.importorskip("ray.tune")
+    require_modules("ray.tune")
     from ulmfit_trainer.stages.tune import _scheduler
 
     spec = space(learningRate={"type": "loguniform", "low": 1e-4, "high": 1e-2}).model_copy(
@@ -212,7 +214,7 @@ def test_each_scheduler_kind_maps_to_its_ray_scheduler(kind: str, expected: str)
 
 
 def test_search_algorithm_kinds() -> None:
-    pytest.importorskip("ray.tune")
+    require_modules("ray.tune")
     from ulmfit_trainer.stages.tune import _searcher
 
     random_search = _searcher(space(dropout={"type": "uniform", "low": 0, "high": 0.5}), 7)
