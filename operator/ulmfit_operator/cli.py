@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from ulmfit_trainer.errors import InvalidSpec, UlmfitError
 
 from ulmfit_operator.api import ULMFiTJob, load_job_file
@@ -36,14 +37,16 @@ def _load(path: Path) -> ULMFiTJob:
     try:
         text = path.read_text()
     except OSError as error:
-        errors.print(f"[red]error:[/] cannot read {path}: {error.strerror}")
+        reason = escape(f"cannot read {path}: {error.strerror}")
+        errors.print(f"[red]error:[/] {reason}")
         raise typer.Exit(EXIT_INVALID_SPEC) from None
     try:
         return load_job_file(text)
     except InvalidSpec as error:
-        errors.print(f"[red]invalid ULMFiTJob[/] {path}:")
+        errors.print(f"[red]invalid ULMFiTJob[/] {escape(str(path))}:")
         for field, value, message in error.problems:
-            errors.print(f"  {field or '(document)'}: {message} (got {value!r})", highlight=False)
+            line = f"  {field or '(document)'}: {message} (got {value!r})"
+            errors.print(line, highlight=False, markup=False)
         raise typer.Exit(EXIT_INVALID_SPEC) from None
 
 
@@ -65,15 +68,15 @@ def run(
         runner = LocalRunner(job, workdir, nproc=nproc, console=console)
         result = runner.run()
     except StageFailed as failure:
-        errors.print(f"[red]✗ {failure}[/]")
+        errors.print(f"[red]✗ {escape(str(failure))}[/]")
         for line in failure.tail:
             errors.print(f"  {line}", highlight=False, markup=False)
         raise typer.Exit(EXIT_FAILED) from None
     except Interrupted as stop:
-        errors.print(f"[yellow]{stop}[/]")
+        errors.print(f"[yellow]{escape(str(stop))}[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except UlmfitError as error:
-        errors.print(f"[red]error:[/] {error}")
+        errors.print(f"[red]error:[/] {escape(str(error))}")
         raise typer.Exit(EXIT_FAILED) from None
     console.print(result_table(result))
     test = result.test
@@ -84,7 +87,9 @@ def run(
             + (f" (majority baseline {baseline:.3f})" if baseline is not None else "")
             + (f", macro-F1 {test['macroF1']:.3f}" if "macroF1" in test else "")
         )
-    console.print(f"model: {result.model}\nresult: {Path(result.workdir) / 'result.json'}")
+    console.print(
+        f"model: {result.model}\nresult: {Path(result.workdir) / 'result.json'}", markup=False
+    )
 
 
 @app.command()

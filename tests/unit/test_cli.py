@@ -37,6 +37,20 @@ def test_run_rejects_an_invalid_job_before_writing_anything(tmp_path: Path) -> N
     assert not workdir.exists()
 
 
+def test_validation_messages_are_printed_verbatim(tmp_path: Path) -> None:
+    """A message with brackets (a regular expression) is not eaten as console markup."""
+    job = tmp_path / "bucket.yaml"
+    job.write_text(
+        "apiVersion: ulmfit.io/v1alpha1\nkind: ULMFiTJob\nmetadata: {name: bucket}\n"
+        "spec:\n  storage:\n    s3: {endpoint: 'minio:9000', bucket: Not_A_Bucket}\n"
+    )
+    result = runner.invoke(app, ["validate", str(job)])
+    assert result.exit_code == EXIT_INVALID_SPEC
+    assert "spec.storage.s3.bucket" in result.output
+    assert "'^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$'" in result.output, result.output
+    assert "(got 'Not_A_Bucket')" in result.output
+
+
 def test_run_on_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
     assert result.exit_code == EXIT_INVALID_SPEC
