@@ -15,7 +15,10 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from ulmfit_trainer.config import (
     DataSpec,
     DeepSpeedSpec,
+    HeadKind,
+    ModelFamily,
     ModelSpec,
+    Precision,
     StagesSpec,
     StorageSpec,
     TokenizerSpec,
@@ -118,6 +121,34 @@ class ULMFiTJobSpec(WireModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _heads_fit_the_family(self) -> ULMFiTJobSpec:
+        family = self.model.family
+        if family == ModelFamily.CAUSAL:
+            return self
+        cotrain = self.stages.cotrain
+        heads = [("stages.classifier.head", self.stages.classifier.head)]
+        if cotrain is not None and cotrain.classifier is not None:
+            heads.append(("stages.cotrain.classifier.head", cotrain.classifier.head))
+        for field, head in heads:
+            if head == HeadKind.GENERATIVE:
+                raise ValueError(
+                    f"{field} '{head.value}' needs a causal LM, but model.family is "
+                    f"'{family.value}': use the concat, attention or hierarchical head"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _precision_fits_the_device(self) -> ULMFiTJobSpec:
+        precision = self.deepspeed.precision
+        if precision == Precision.FP16 and self.resources.gpus_per_worker == 0:
+            raise ValueError(
+                f"deepspeed.precision '{precision.value}' needs GPUs, but "
+                f"resources.gpusPerWorker is {self.resources.gpus_per_worker}: on CPU use bf16 "
+                "or fp32"
+            )
+        return self
+
 
 class Metadata(WireModel):
     """The subset of ObjectMeta the runners read."""
@@ -130,6 +161,9 @@ class Metadata(WireModel):
     """Job name (a DNS label: children are named after it)."""
     namespace: str = "default"
     """Namespace of the job."""
+    uid: Annotated[str, Field(max_length=128, pattern=r"^[-0-9A-Za-z]*$")] | None = None
+    """UID the API server gave this instance of the job (none in the local runner): part of its
+    store path, so a job re-created under the same name starts afresh."""
 
 
 class ULMFiTJob(WireModel):
@@ -144,8 +178,16 @@ class ULMFiTJob(WireModel):
 
     @property
     def run_id(self) -> str:
-        """Where this job's objects live in the store: `<namespace>/<name>`."""
-        return f"{self.metadata.namespace}/{self.metadata.name}"
+        """Where this job's objects live in the store (its run path, below the store root).
+
+        In the cluster, `<namespace>/<name>/<uid>`: each instance of a job owns its path, so a
+        job deleted and re-created under the same name neither resumes nor counts as finished
+        what the earlier one committed (its checkpoints stay where they were). Without a UID
+        (the local runner, `ulmfit run`), `<namespace>/<name>`: a rerun of the same job file
+        resumes by name, which is the local runner's contract.
+        """
+        run = f"{self.metadata.namespace}/{self.metadata.name}"
+        return f"{run}/{self.metadata.uid}" if self.metadata.uid else run
 
 
 class StageState(StrEnum):

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
-from ulmfit_trainer.config import TUNABLE
+from ulmfit_trainer.config import BLANK, S3_OBJECT_URI, S3_URI_SHAPE, TUNABLE
 
 from ulmfit_operator.api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, ULMFiTJobSpec
 from ulmfit_operator.status import ULMFiTJobStatus
@@ -55,6 +55,28 @@ class CelRule:
         return rendered
 
 
+def _cel_regex(pattern: str) -> str:
+    """A regex as a CEL raw string literal (backslashes reach RE2 as they are)."""
+    if "'" in pattern:
+        raise ValueError(f"a quote in a CEL regex: {pattern!r}")
+    return f"r'{pattern}'"
+
+
+def _s3_uri_rule(validator: str, field: str, *, optional: bool) -> CelRule:
+    """The CEL twin of `config.s3_uri_problem` for the string field `field` of a model."""
+    value = f"self.{field}"
+    present = f"!has({value}) || " if optional else ""
+    return CelRule(
+        validator=validator,
+        rule=(
+            f"{present}!{value}.startsWith('s3://') || {value}.matches({_cel_regex(S3_OBJECT_URI)})"
+        ),
+        message_expression=f"'{field} \\'%s\\' {S3_URI_SHAPE}'.format([{value}])",
+        message=f"{field} {S3_URI_SHAPE}",
+        field_path=f".{field}",
+    )
+
+
 # Keyed by model class name: the rules attach to that model's object schema wherever it appears.
 # Every field has a default, so after defaulting the fields these rules read are always present.
 CEL_RULES: dict[str, list[CelRule]] = {
@@ -71,7 +93,56 @@ CEL_RULES: dict[str, list[CelRule]] = {
             ),
             message="data.maxLength exceeds model.architecture.contextLength",
         ),
+        CelRule(
+            validator="ULMFiTJobSpec._heads_fit_the_family",
+            rule="self.model.family == 'causal' || self.stages.classifier.head != 'generative'",
+            message_expression=(
+                "'stages.classifier.head \\'%s\\' needs a causal LM, but model.family is"
+                " \\'%s\\': use the concat, attention or hierarchical head'"
+                ".format([self.stages.classifier.head, self.model.family])"
+            ),
+            message="the generative head needs a causal LM (model.family: causal)",
+        ),
+        CelRule(
+            validator="ULMFiTJobSpec._heads_fit_the_family",
+            rule=(
+                "self.model.family == 'causal' || !has(self.stages.cotrain)"
+                " || !has(self.stages.cotrain.classifier)"
+                " || self.stages.cotrain.classifier.head != 'generative'"
+            ),
+            message_expression=(
+                "'stages.cotrain.classifier.head \\'%s\\' needs a causal LM, but model.family"
+                " is \\'%s\\': use the concat, attention or hierarchical head'"
+                ".format([self.stages.cotrain.classifier.head, self.model.family])"
+            ),
+            message="the generative head needs a causal LM (model.family: causal)",
+        ),
+        CelRule(
+            validator="ULMFiTJobSpec._precision_fits_the_device",
+            rule="self.deepspeed.precision != 'fp16' || self.resources.gpusPerWorker > 0",
+            message_expression=(
+                "'deepspeed.precision \\'%s\\' needs GPUs, but resources.gpusPerWorker is %d:"
+                " on CPU use bf16 or fp32'"
+                ".format([self.deepspeed.precision, self.resources.gpusPerWorker])"
+            ),
+            message="deepspeed.precision fp16 needs GPUs (resources.gpusPerWorker above 0)",
+        ),
     ],
+    "DataSpec": [
+        CelRule(
+            validator="DataSpec._dataset_shape",
+            rule=f"!self.dataset.matches({_cel_regex(BLANK)})",
+            message_expression=(
+                "'dataset \\'%s\\' is empty: give builtin://NAME, s3://bucket/key or a"
+                " directory'.format([self.dataset])"
+            ),
+            message="dataset is empty: give builtin://NAME, s3://bucket/key or a directory",
+            field_path=".dataset",
+        ),
+        _s3_uri_rule("DataSpec._dataset_shape", "dataset", optional=False),
+    ],
+    "ModelSpec": [_s3_uri_rule("ModelSpec._pretrained_shape", "pretrained", optional=True)],
+    "TokenizerSpec": [_s3_uri_rule("TokenizerSpec._pretrained_shape", "pretrained", optional=True)],
     "ArchitectureSpec": [
         CelRule(
             validator="ArchitectureSpec._heads_divide_width",

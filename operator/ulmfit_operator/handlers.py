@@ -34,6 +34,7 @@ from ulmfit_operator.children import (
     RAYJOB_PLURAL,
 )
 from ulmfit_operator.metrics import OperatorMetrics
+from ulmfit_operator.policy import ANY
 from ulmfit_operator.runtime.controller import Controller
 from ulmfit_operator.runtime.kube import Kube, connect
 from ulmfit_operator.runtime.leader import LeaderElector, default_identity, own_namespace
@@ -123,7 +124,8 @@ async def _main(settings: OperatorSettings) -> None:
     metrics.serve(settings.metrics_port, settings.metrics_address)
     identity = settings.identity or default_identity()
     kube = Kube(connect(settings.workers + 4), metrics)
-    controller = Controller(kube, StoreReader(metrics), metrics, settings, identity)
+    stores = StoreReader(metrics, settings.job_policy())
+    controller = Controller(kube, stores, metrics, settings, identity)
     elector: LeaderElector | None = None
     if settings.standalone:
         metrics.leader.set(1)
@@ -154,13 +156,21 @@ async def _main(settings: OperatorSettings) -> None:
         threading.Thread(target=elector.run, name="leader-election", daemon=True).start()
     controller.start()
     log.info(
-        "operator %s starting (namespace=%s, standalone=%s, resync=%ss, workers=%d)",
+        "operator %s starting (namespace=%s, standalone=%s, resync=%ss, workers=%d, "
+        "S3 endpoints=%s, trainer images=%s)",
         identity,
         settings.namespace or "*",
         settings.standalone,
         settings.resync_seconds,
         settings.workers,
+        ",".join(settings.allowed_s3_endpoints) or "none",
+        ",".join(settings.allowed_trainer_images) or "none",
     )
+    if ANY in settings.allowed_s3_endpoints:
+        log.warning(
+            "--allowed-s3-endpoints allows any endpoint: a job can make the operator send "
+            "requests signed with its S3 keys to any host it names; list your stores instead"
+        )
     try:
         await kopf.operator(
             registry=build_registry(controller),

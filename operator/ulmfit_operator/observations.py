@@ -70,7 +70,7 @@ class NeedStore:
     stage: str
     what: Literal["checkpoint", "progress"]
     run: str
-    """`<namespace>/<job>`: where the job's objects live in the store."""
+    """The job instance's run path, `<namespace>/<job>/<uid>`: where its store objects live."""
     s3: S3Settings | None
 
 

@@ -1,10 +1,13 @@
 """Pure: a validated job spec becomes a plan of stage configs, a DAG in topological order.
 
 Both runners (local and operator) execute the same plan, so a stage sees the same config
-wherever it runs; only the store root differs. The order is pretrain -> finetune -> cotrain
-(K models per round, in parallel; each round after the first also reads the pseudo-labels of the
-round before) -> tune -> classifier -> evaluate; disabled or absent stages drop out and their
-dependents close over them.
+wherever it runs; only the store root and the run path differ: in the cluster the run path
+carries the job's UID (`<namespace>/<name>/<uid>`, so each instance of a job reads and writes
+only its own checkpoints), locally it is `<namespace>/<name>` (see `ULMFiTJob.run_id`).
+
+The order is pretrain -> finetune -> cotrain (K models per round, in parallel; each round after
+the first also reads the pseudo-labels of the round before) -> tune -> classifier -> evaluate;
+disabled or absent stages drop out and their dependents close over them.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class PlannedStage:
 @dataclass(frozen=True)
 class Plan:
     run: str
+    """The job's run path in the store (`ULMFiTJob.run_id`): every stage's `config.run`."""
     stages: tuple[PlannedStage, ...]
     """Topologically ordered: every stage comes after all it depends on."""
 

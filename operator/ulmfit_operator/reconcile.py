@@ -1,8 +1,9 @@
 """Pure: what the operator should do about one ULMFiTJob, given what it observes.
 
-`reconcile(job, children, observation, now, rayjob_available=...)` reads the job object (spec,
-metadata, the status cache), the children found in the cluster and what the store says (final
-checkpoints and `progress.json` per stage), and returns a `Decision`: children to create, stop
+`reconcile(job, children, observation, now, rayjob_available=..., policy=...)` reads the job
+object (spec, metadata, the status cache), the children found in the cluster, what the store says
+(final checkpoints and `progress.json` per stage) and what the operator's settings allow a job
+(`JobPolicy`: S3 endpoints, trainer images), and returns a `Decision`: children to create, stop
 or delete, the new status (None when nothing changed) and events. No I/O happens here; when it
 needs a store fact it has not been given, it returns `NeedStore(stage, what)` and the caller
 reads it and asks again (so the store is read only as far as the decision needs).
@@ -12,8 +13,12 @@ The fixed order, as in Kubeflow's controllers:
 1. a job being deleted is left alone;
 2. validate the spec (`InvalidSpec`: Failed condition, Warning event, no children, no retry);
 3. a finished job only waits for its TTL (then it is deleted);
-4. walk the plan (a DAG): a stage is done once the store holds its final checkpoint (made
-   after the job was created); the ready stages are those not done whose dependencies all are
+   then the policy: a job whose store endpoint or trainer image the operator does not allow is
+   an `InvalidSpec` too, before the store is read or any child is created (checked after 3, so
+   a job that finished under an earlier policy keeps its outcome);
+4. walk the plan (a DAG): a stage is done once the store holds its final checkpoint under this
+   job instance's run path (`<namespace>/<name>/<uid>`: a job re-created under the same name
+   sees none of the earlier one's); the ready stages are those not done whose dependencies all are
    (the K co-trained models of a round are ready together); none ready: Succeeded;
 5. suspend (delete running children, keep checkpoints) and resume;
 6. active deadline;
@@ -58,6 +63,7 @@ from ulmfit_operator.decisions import (
 )
 from ulmfit_operator.observations import FinalCheckpoint, NeedStore, Observation, final_checkpoint
 from ulmfit_operator.plan import TUNE_KEY, PlannedStage, make_plan
+from ulmfit_operator.policy import UNBOUNDED, JobPolicy
 from ulmfit_operator.stages import (
     StageInfo,
     StageRun,
@@ -107,11 +113,13 @@ def reconcile(
     now: datetime,
     *,
     rayjob_available: bool = False,
+    policy: JobPolicy = UNBOUNDED,
 ) -> Decision | NeedStore:
     """Decide; see the module docstring for the order of the steps.
 
     `rayjob_available`: the RayJob CRD is installed (a tune stage with backend `auto` then runs
-    as a KubeRay RayJob)."""
+    as a KubeRay RayJob). `policy`: the S3 endpoints and trainer images a job may name (the
+    default bounds neither; the operator passes its settings')."""
     # 1. a job being deleted is left alone
     if (job.get("metadata") or {}).get("deletionTimestamp"):
         return Decision(state="Deleting")
@@ -124,6 +132,10 @@ def reconcile(
     # 3. finished
     if seen.finished:
         return seen.after_finish(spec.run_policy.ttl_seconds_after_finished)
+    # the policy, before the store is read or a child created
+    problems = policy.problems(s3, spec.resources.image)
+    if problems:
+        return seen.invalid(InvalidSpec(problems))
     # 4. to 10.
     return _Context(seen, spec, s3, observation, rayjob_available).run()
 
@@ -175,12 +187,6 @@ class _Job:
 
     def old_stage(self, name: str) -> StageStatus | None:
         return next((s for s in self.old.stages if s.name == name), None)
-
-    def fresh(self, final: FinalCheckpoint) -> bool:
-        """Made by this job, not left in the store by an earlier job with the same name."""
-        if final.created_at is None or self.created is None:
-            return True
-        return final.created_at >= self.created
 
     # -- shaping the decision
 
@@ -274,7 +280,10 @@ class _Context:
         self.rayjob_available = rayjob_available
         self.plan = make_plan(
             ULMFiTJob.model_validate(
-                {"metadata": Metadata(name=job.name, namespace=job.namespace), "spec": spec}
+                {
+                    "metadata": Metadata(name=job.name, namespace=job.namespace, uid=job.uid),
+                    "spec": spec,
+                }
             ),
             store_root=s3.root,
             s3=s3,
@@ -321,7 +330,7 @@ class _Context:
 
     def walk_plan(self) -> NeedStore | None:
         """A stage whose dependencies are all done is either done (the status recorded its final
-        checkpoint, or the store holds one made after the job was created) or ready."""
+        checkpoint, or the store holds one under this job instance's run path) or ready."""
         for stage in self.plan.stages:
             if any(dep not in self.done for dep in stage.depends_on):
                 continue
@@ -332,7 +341,7 @@ class _Context:
             if stage.name not in self.observation.checkpoints:
                 return NeedStore(stage.name, "checkpoint", self.plan.run, self.s3)
             final = self.observation.checkpoints[stage.name]
-            if final is not None and self.job.fresh(final):
+            if final is not None:
                 self.done[stage.name] = final
         self.ready = self.plan.ready(self.done)
         return None

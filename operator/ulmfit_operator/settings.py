@@ -9,18 +9,32 @@ named as the field in camelCase (`metricsPort`), except `namespace` (from `watch
 `rbac.scope: namespace`) and `identity` (per pod: the default, the pod's name); the plain
 manifests pass the chart's default flags. tests/unit/test_settings.py and
 tests/integration/test_deploy_chart.py keep model, flags, chart and manifests in step.
+
+A list setting (`allowed_s3_endpoints`, `allowed_trainer_images`) is one flag whose value is the
+list's entries joined by commas (`--allowed-s3-endpoints=http://minio:9000,s3.example.com`), as
+is its environment variable; like every flag, the last one given wins (tests append their own to
+the chart's), and an empty value is an empty list. The chart joins its list value into that flag
+(`allowedS3Endpoints`, empty by default, falls back to `s3.endpoint`, then to `*`).
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ulmfit_operator.api import DEFAULT_TRAINER_IMAGE
+from ulmfit_operator.policy import ANY, JobPolicy, check_endpoint_entry, check_image_pattern
+
 ENV_PREFIX = "ULMFIT_"
+LIST_SEPARATOR = ","
+
+DEFAULT_TRAINER_REPOSITORY = DEFAULT_TRAINER_IMAGE.rsplit(":", 1)[0]
+"""The project's trainer image repository (the default image without its tag)."""
 
 LogFormat = Literal["json", "text"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -91,6 +105,21 @@ class OperatorSettings(BaseModel):
         default="INFO",
         description="Least severe level logged (kopf's own: WARNING and above unless DEBUG).",
     )
+    allowed_s3_endpoints: tuple[str, ...] = Field(
+        default=(ANY,),
+        description="S3 endpoints a job's spec.storage.s3.endpoint may name, comma-separated: "
+        "the operator reads them with its own keys, so a job naming another fails InvalidSpec "
+        "and none is contacted. Each host[:port] or http(s)://host[:port], compared as scheme, "
+        "host and port (a missing port is the scheme's; an entry without a scheme allows both). "
+        "'*': any endpoint (the default here; the chart passes its s3.endpoint). Empty: none.",
+    )
+    allowed_trainer_images: tuple[str, ...] = Field(
+        default=(DEFAULT_TRAINER_REPOSITORY,),
+        description="Trainer images a job's spec.resources.image may name, comma-separated "
+        "patterns: REPOSITORY (any tag and/or digest of it), PREFIX* (every image starting with "
+        "PREFIX; '*' alone: any), or an exact image with a tag or digest. A job with another "
+        "image fails InvalidSpec before any child is created.",
+    )
 
     @field_validator("namespace", "lease_namespace", "identity", mode="before")
     @classmethod
@@ -101,6 +130,27 @@ class OperatorSettings(BaseModel):
     @classmethod
     def _level_in_capitals(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("allowed_s3_endpoints", "allowed_trainer_images", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(LIST_SEPARATOR) if part.strip())
+        return value
+
+    @field_validator("allowed_s3_endpoints")
+    @classmethod
+    def _endpoints_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_endpoint_entry(entry) for entry in value)
+
+    @field_validator("allowed_trainer_images")
+    @classmethod
+    def _image_patterns_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_image_pattern(pattern) for pattern in value)
+
+    def job_policy(self) -> JobPolicy:
+        """What these settings let a job make the operator reach (what reconcile enforces)."""
+        return JobPolicy.allowing(self.allowed_s3_endpoints, self.allowed_trainer_images)
 
     @property
     def renew_deadline(self) -> float:
@@ -123,6 +173,17 @@ def env_var(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def is_list(field: str) -> bool:
+    """A list setting: one flag, its entries joined by commas."""
+    return typing.get_origin(OperatorSettings.model_fields[field].annotation) is tuple
+
+
+def flag_default(field: str) -> Any:
+    """The default of a field's flag: the field's, a list's joined by commas."""
+    default = OperatorSettings.model_fields[field].default
+    return LIST_SEPARATOR.join(default) if is_list(field) else default
+
+
 def _parameter(name: str) -> inspect.Parameter:
     field = OperatorSettings.model_fields[name]
     option = typer.Option(
@@ -131,8 +192,8 @@ def _parameter(name: str) -> inspect.Parameter:
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
-        default=field.default,
-        annotation=Annotated[field.annotation, option],
+        default=flag_default(name),
+        annotation=Annotated[str if is_list(name) else field.annotation, option],
     )
 
 

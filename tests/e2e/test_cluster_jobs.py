@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 import yaml
+from ulmfit_operator.api import Metadata, ULMFiTJob
+from ulmfit_trainer.records import CheckpointRecord, parse_checkpoint_record
 
 from tests.harness.cluster import ClusterOperator
 from tests.harness.ports import free_port, wait_for
@@ -129,6 +131,11 @@ class Cluster:
 
     def job(self, name: str) -> dict[str, Any]:
         return dict(self.get("ulmfitjob", name))
+
+    def store_run(self, name: str) -> str:
+        """The job's run path in the store, `<namespace>/<name>/<uid>` (`ULMFiTJob.run_id`)."""
+        uid = self.job(name)["metadata"]["uid"]
+        return ULMFiTJob(metadata=Metadata(name=name, namespace=self.namespace, uid=uid)).run_id
 
     def wait_finished(self, name: str, timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
         """The job once its Succeeded or Failed condition is True; fails with its status."""
@@ -310,15 +317,26 @@ def test_two_worker_stage_matches_one_pod_run(
 # --- 3: a trainer pod deleted mid-stage -----------------------------------------------------------
 
 
-def committed_steps(s3: SeaweedS3, bucket: str, namespace: str, job: str, stage: str) -> list[int]:
-    """Steps of the stage's committed checkpoints (a `meta.json` is written last)."""
-    prefix = f"runs/{namespace}/{job}/{stage}/"
+def committed_steps(s3: SeaweedS3, bucket: str, run: str, stage: str) -> list[int]:
+    """Steps of the stage's committed checkpoints in the job's `run` path (`Cluster.store_run`;
+    a `meta.json` is written last)."""
+    prefix = f"runs/{run}/{stage}/"
     steps = []
     for item in s3.minio().list_objects(bucket, prefix=prefix, recursive=True):
         parts = item.object_name[len(prefix):].split("/")
         if len(parts) == 2 and parts[1] == "meta.json" and parts[0].startswith("step-"):
             steps.append(int(parts[0].removeprefix("step-")))
     return sorted(steps)
+
+
+def final_record(s3: SeaweedS3, bucket: str, run: str, stage: str) -> CheckpointRecord:
+    """The commit record (`meta.json`) of the stage's final checkpoint in the job's `run`."""
+    response = s3.minio().get_object(bucket, f"runs/{run}/{stage}/final/meta.json")
+    try:
+        return parse_checkpoint_record(response.read())
+    finally:
+        response.close()
+        response.release_conn()
 
 
 class ChildWatch:
@@ -372,14 +390,15 @@ def test_deleted_trainer_pod_fails_the_attempt_and_the_next_resumes(
     })  # fmt: skip
     with ChildWatch(cluster, "resume") as watch:
         cluster.apply(job, tmp_path)
+        run = cluster.store_run("resume")
         first = cluster.wait_stage("resume", "finetune", {"Running"})
         child = first["child"]
         wait_for(
-            lambda: committed_steps(cluster_s3, bucket, cluster.namespace, "resume", "finetune"),
+            lambda: committed_steps(cluster_s3, bucket, run, "finetune"),
             300, "a committed finetune checkpoint", interval=0.3,
         )  # fmt: skip
         cluster.run("delete", "pod", f"{child}-master-0", "--wait=false")
-        steps_before = committed_steps(cluster_s3, bucket, cluster.namespace, "resume", "finetune")
+        steps_before = committed_steps(cluster_s3, bucket, run, "finetune")
 
         finished = cluster.wait_finished("resume")
     assert finished["status"]["conditions"], finished
@@ -466,7 +485,63 @@ def test_tune_stage_runs_as_a_rayjob_and_its_best_params_reach_the_classifier(
     assert stages_by_name(finished)["classifier"]["state"] == "Succeeded"
 
 
-# --- 5: deletion and uninstall cascade ------------------------------------------------------------
+# --- 5: a job deleted and applied again under the same name ---------------------------------------
+
+
+def test_job_recreated_under_the_same_name_trains_from_scratch(
+    cluster: Cluster,
+    cluster_operator: ClusterOperator,
+    cluster_s3: SeaweedS3,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """A job deleted after its finetune stage committed its final checkpoint, then applied again
+    under the same name, is a new job: its store path carries the new UID, so its finetune
+    trains from scratch in its own path instead of finding the old final ("already finished",
+    which the operator rightly did not believe, so every attempt failed), and the job succeeds.
+    The old job's checkpoints stay where they were."""
+    job = tiny_job("again", cluster_operator, cluster_s3, bucket, **{
+        "stages.classifier.unfreezePhases": 1,
+        "runPolicy.backoffLimit": 1,
+    })  # fmt: skip
+    cluster.apply(job, tmp_path)
+    old_run = cluster.store_run("again")
+    old = cluster.wait_stage("again", "finetune", {"Succeeded", "Failed"})
+    assert old["state"] == "Succeeded", cluster.describe("again")
+    assert f"/{old_run}/finetune/" in old["checkpoint"], old
+
+    selector = "ulmfit.io/job=again"
+    cluster.run("delete", "ulmfitjob", "again", "--wait=true", timeout=180)
+
+    def all_gone() -> bool:
+        left = cluster.get("pytorchjobs,jobs,configmaps,pods", selector=selector)
+        return not left["items"]
+
+    wait_for(all_gone, 180, "the garbage collector to remove the old job's children", interval=1)
+    cluster.apply(job, tmp_path)
+    new_run = cluster.store_run("again")
+    assert new_run != old_run and new_run.startswith(f"{cluster.namespace}/again/")
+
+    finished = cluster.wait_finished("again")
+    conditions = {c["type"]: c["status"] for c in finished["status"]["conditions"]}
+    assert conditions.get("Succeeded") == "True", cluster.describe("again")
+    stages = stages_by_name(finished)
+    finetune = stages["finetune"]
+    assert (finetune["state"], finetune["attempts"]) == ("Succeeded", 1), finetune
+    assert f"/{new_run}/finetune/" in finetune["checkpoint"], finetune
+    assert finetune["checkpoint"] != old["checkpoint"]
+    # Its finetune really trained, in its own path, from step 0: it resumed from nothing, ran
+    # all 6 steps and committed the step-3 checkpoint on the way (checkpointEvery 3).
+    record = final_record(cluster_s3, bucket, new_run, "finetune")
+    assert (record.step, record.meta.get("resumedFromStep")) == (6, None), record.meta
+    assert committed_steps(cluster_s3, bucket, new_run, "finetune") == [3]
+    assert f"/{new_run}/" in finished["status"]["result"]["modelUri"], finished["status"]["result"]
+    # The old job's checkpoints stay where they were.
+    assert committed_steps(cluster_s3, bucket, old_run, "finetune")
+    cluster.run("delete", "ulmfitjob", "again", "--wait=false")
+
+
+# --- 6: deletion and uninstall cascade ------------------------------------------------------------
 
 
 def test_job_deletion_and_helm_uninstall_cascade_but_checkpoints_stay(
@@ -484,8 +559,9 @@ def test_job_deletion_and_helm_uninstall_cascade_but_checkpoints_stay(
         "stages.finetune.maxSteps": 400, "stages.finetune.checkpointEvery": 10,
     })  # fmt: skip
     cluster.apply(job, tmp_path)
+    run = cluster.store_run("doomed")
     wait_for(
-        lambda: committed_steps(cluster_s3, bucket, cluster.namespace, "doomed", "finetune"),
+        lambda: committed_steps(cluster_s3, bucket, run, "finetune"),
         600, "a committed finetune checkpoint", interval=0.5,
     )  # fmt: skip
     selector = "ulmfit.io/job=doomed"
@@ -501,7 +577,7 @@ def test_job_deletion_and_helm_uninstall_cascade_but_checkpoints_stay(
         return not left["items"]
 
     wait_for(all_gone, 180, "the garbage collector to remove the job's children", interval=1)
-    assert committed_steps(cluster_s3, bucket, cluster.namespace, "doomed", "finetune")
+    assert committed_steps(cluster_s3, bucket, run, "finetune")
 
     kubeconfig = cluster.kubeconfig
     helm.run("uninstall", cluster_operator.release, "-n", cluster_operator.namespace, "--wait",

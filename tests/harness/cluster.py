@@ -135,6 +135,9 @@ def cluster_operator(
         "--set", "image.pullPolicy=Never",
         "--set", f"s3.endpoint=http://{cluster_s3.endpoint}",
         "--set", f"s3.credentialsSecret.name={secret}",
+        # The trainer image built here is the one jobs may run (the chart's default allows only
+        # the published trainer repository).
+        "--set", f"allowedTrainerImages={{{images['trainer'].rpartition(':')[0]}}}",
         "--wait", "--timeout", "300s",
         kubeconfig=kubeconfig, timeout=360,
     )  # fmt: skip

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import typer
 import yaml
+from ulmfit_operator.policy import JobPolicy
 from ulmfit_operator.settings import OperatorSettings, flag
 
 from tests.harness.kube import ControlPlane
@@ -206,6 +207,24 @@ def test_every_setup_renders_a_hardened_operator(helm: Tool, setup: Path) -> Non
     if image.get("digest"):
         assert container["image"] == f"{image['repository']}@{image['digest']}"
 
+    # What jobs may name: the S3 endpoints (s3.endpoint by default) and the trainer images, in
+    # the operator's flags and (images) in an admission policy bound where the operator watches.
+    settings = settings_from(args)
+    endpoint = values.get("s3", {}).get("endpoint")
+    assert settings.allowed_s3_endpoints == ((endpoint,) if endpoint else ("*",))
+    patterns = values.get("allowedTrainerImages", ["ghcr.io/ulmfit-operator/trainer"])
+    assert settings.allowed_trainer_images == tuple(patterns)
+    (policy,) = find(objects, "ValidatingAdmissionPolicy")
+    (binding,) = find(objects, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    if scope == "namespace":
+        assert binding["spec"]["matchResources"]["namespaceSelector"] == {
+            "matchLabels": {"kubernetes.io/metadata.name": values["watchNamespaces"][0]}
+        }
+    else:
+        assert "matchResources" not in binding["spec"]
+
 
 def test_default_image_is_the_app_version(helm: Tool) -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
@@ -274,6 +293,12 @@ def test_inconsistent_values_fail_with_a_clear_message(
         (["--set", "image.pullPolicy=Sometimes"], "image/pullPolicy"),
         (["--set", "serviceMonitor.interval=often"], "serviceMonitor/interval"),
         (["--set", "s3.credentialsSecret.typo=x"], "additional properties 'typo' not allowed"),
+        (["--set-json", "allowedTrainerImages=[]"], "allowedTrainerImages"),
+        (["--set", "allowedTrainerImages={registry/*/trainer}"], "allowedTrainerImages/0"),
+        (["--set", "allowedTrainerImages={a b}"], "allowedTrainerImages/0"),
+        (["--set", "allowedS3Endpoints={ftp://minio:21}"], "allowedS3Endpoints/0"),
+        (["--set", "allowedS3Endpoints={http://minio:9000/bucket}"], "allowedS3Endpoints/0"),
+        (["--set", "admissionPolicy.enabled=maybe"], "admissionPolicy/enabled"),
     ],
 )
 def test_schema_rejects_unknown_keys_and_wrong_types(
@@ -418,6 +443,8 @@ def test_chart_defaults_are_the_settings_defaults_and_the_manifests_args(helm: T
 
 def test_every_settings_value_renders_to_its_flag(helm: Tool) -> None:
     values: dict[str, Any] = {
+        "allowedS3Endpoints": ["https://s3.example.com", "minio.minio.svc:9000"],
+        "allowedTrainerImages": ["registry.example.com/ml/trainer", "registry.example.com/x/*"],
         "metricsPort": 9100,
         "metricsAddress": "127.0.0.1",
         "healthPort": 9101,
@@ -448,6 +475,8 @@ def test_every_settings_value_renders_to_its_flag(helm: Tool) -> None:
         lease_duration=6,
         log_format="text",
         log_level="DEBUG",
+        allowed_s3_endpoints=("https://s3.example.com", "minio.minio.svc:9000"),
+        allowed_trainer_images=("registry.example.com/ml/trainer", "registry.example.com/x/*"),
     )
     # Every setting but the pod's own identity and the switch has been set by a value.
     assert {arg.split("=", 1)[0] for arg in args} == {
@@ -462,6 +491,72 @@ def test_every_settings_value_renders_to_its_flag(helm: Tool) -> None:
         settings_from(container_args(render(helm, "--set", "resyncSeconds=0.5"))).resync_seconds
         == 0.5
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "endpoints"),
+    [
+        ([], ("*",)),  # nothing configured: any endpoint (the operator logs a warning)
+        (["--set", "s3.endpoint=http://minio.minio.svc:9000"], ("http://minio.minio.svc:9000",)),
+        (
+            [
+                "--set",
+                "s3.endpoint=http://minio.minio.svc:9000",
+                "--set",
+                "allowedS3Endpoints={https://s3.example.com,minio.minio.svc:9000}",
+            ],
+            ("https://s3.example.com", "minio.minio.svc:9000"),
+        ),
+        (["--set", "allowedS3Endpoints={*}"], ("*",)),
+    ],
+)
+def test_the_s3_endpoints_default_to_the_configured_endpoint(
+    helm: Tool, args: list[str], endpoints: tuple[str, ...]
+) -> None:
+    settings = settings_from(container_args(render(helm, *args)))
+    assert settings.allowed_s3_endpoints == endpoints
+
+
+def test_the_admission_policy_is_optional_and_matches_as_the_operator_does(helm: Tool) -> None:
+    disabled = render(helm, "--set", "admissionPolicy.enabled=false")
+    assert not [o for o in disabled if o["kind"].startswith("ValidatingAdmissionPolicy")]
+    patterns = [
+        "ghcr.io/ulmfit-operator/trainer",
+        "registry.example.com/ml/*",
+        "localhost:5000/t:dev",
+    ]
+    objects = render(helm, "--set-json", f"allowedTrainerImages={json.dumps(patterns)}")
+    policy = one(objects, "ValidatingAdmissionPolicy")
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    [rule] = spec["matchConstraints"]["resourceRules"]
+    assert (rule["apiGroups"], rule["resources"], rule["operations"]) == (
+        ["ulmfit.io"],
+        ["ulmfitjobs"],  # not ulmfitjobs/status: the operator's status writes pass
+        ["CREATE", "UPDATE"],
+    )
+    [validation] = spec["validations"]
+    regexes = re.findall(r'r"([^"]*)"', validation["expression"])
+    assert len(regexes) == len(patterns)
+    # The chart's regular expressions (Go's QuoteMeta, RE2) decide as the operator's do.
+    operator = JobPolicy(trainer_images=tuple(patterns))
+    digest = "sha256:" + "0123456789abcdef" * 4
+    for image in [
+        "ghcr.io/ulmfit-operator/trainer",
+        "ghcr.io/ulmfit-operator/trainer:0.1.0",
+        f"ghcr.io/ulmfit-operator/trainer@{digest}",
+        f"ghcr.io/ulmfit-operator/trainer:1@{digest}",
+        "ghcr.io/ulmfit-operator/trainer-evil:1",
+        "ghcr.io/ulmfit-operator/trainer:a/b",
+        "ghcrXio/ulmfit-operator/trainer",
+        "registry.example.com/ml/anything:1",
+        "registry.example.com/mlx/trainer:1",
+        "localhost:5000/t:dev",
+        "localhost:5000/t:dev2",
+    ]:
+        chart = any(re.search(regex, image) for regex in regexes)
+        assert chart == operator.image_allowed(image), image
+    assert "ghcr.io/ulmfit-operator/trainer[:TAG][@DIGEST]" in validation["messageExpression"]
 
 
 @pytest.mark.parametrize("scope", ["cluster", "namespace"])
@@ -531,17 +626,28 @@ def test_api_server_accepts_what_the_chart_renders(
         "template", release, str(CHART), "--namespace", kube_namespace, *args
     ).stdout
     objects = [doc for doc in yaml.safe_load_all(rendered) if doc]
-    result = kubectl.run(
-        "apply",
-        "--server-side",
-        f"--field-manager={FIELD_MANAGER}",
-        "-f",
-        "-",
-        input=rendered,
-        kubeconfig=kube_cluster.kubeconfig,
-    )
+    # The admission policy is cluster-scoped: remove it at once, so that it cannot turn away the
+    # ULMFiTJobs of later tests (this setup's image patterns may not allow theirs).
+    policies = [
+        f"{o['kind'].lower()}/{o['metadata']['name']}"
+        for o in objects
+        if o["kind"].startswith("ValidatingAdmissionPolicy")
+    ]
+    try:
+        result = kubectl.run(
+            "apply",
+            "--server-side",
+            f"--field-manager={FIELD_MANAGER}",
+            "-f",
+            "-",
+            input=rendered,
+            kubeconfig=kube_cluster.kubeconfig,
+        )
+    finally:
+        kubectl.run("delete", "--ignore-not-found", *policies, kubeconfig=kube_cluster.kubeconfig)
     applied = [line for line in result.stdout.splitlines() if "serverside-applied" in line]
     assert len(applied) == len(objects), result.stdout
+    assert len(policies) == 2, policies
     # What the server stored is what was rendered (nothing dropped by pruning or defaulting).
     deployment = one(objects, "Deployment")
     stored = json.loads(

@@ -6,8 +6,10 @@ subprocess (`python -m ulmfit_operator`) with the least-privilege kubeconfig bui
 manifests/rbac, so killing it is a real SIGKILL. Nothing else acts on objects: `Trainer` plays
 both the Kubeflow Training Operator (patching PyTorchJob/Job status) and the trainer
 (progress.json and the final checkpoint, written with CheckpointStore so the format is the real
-one). These tests play those controllers to reach failures on demand;
-tests/e2e/test_cluster_jobs.py runs the same paths under the real controllers.
+one, under the run path of the job instance: `<namespace>/<name>/<uid>`), and
+`collect_garbage` plays the garbage collector for a deleted job. These tests play those
+controllers to reach failures on demand; tests/e2e/test_cluster_jobs.py runs the same paths
+under the real controllers.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
+from ulmfit_operator.api import Metadata, ULMFiTJob
 from ulmfit_operator.children import LABEL_JOB, ChildRef
 from ulmfit_operator.metrics import OperatorMetrics
 from ulmfit_operator.runtime.kube import Kube, job_ref
-from ulmfit_trainer.config import S3Settings
+from ulmfit_operator.workloads import config_map_name
+from ulmfit_trainer.config import S3Settings, StageConfig
 from ulmfit_trainer.records import EvaluationSummary, StageProgress
 from ulmfit_trainer.store import CheckpointStore, open_store
 
@@ -400,14 +404,46 @@ def list_children(kube: Kube, namespace: str, job: str | None = None) -> list[di
     )
 
 
-def wait_child(kube: Kube, namespace: str, name: str, timeout: float = 60) -> dict[str, Any]:
+def owner_uids(item: Mapping[str, Any]) -> set[str]:
+    return {ref.get("uid", "") for ref in item["metadata"].get("ownerReferences") or []}
+
+
+def wait_child(
+    kube: Kube, namespace: str, name: str, timeout: float = 60, owner_uid: str | None = None
+) -> dict[str, Any]:
+    """The child of that name (owned by the job with `owner_uid`, when given)."""
+
     def check() -> dict[str, Any] | None:
         for item in list_children(kube, namespace):
-            if item["metadata"]["name"] == name:
+            if item["metadata"]["name"] == name and (
+                owner_uid is None or owner_uid in owner_uids(item)
+            ):
                 return item
         return None
 
     return wait_for(check, timeout, f"child {namespace}/{name}", interval=0.2)  # type: ignore[return-value]
+
+
+def run_path(job: Mapping[str, Any]) -> str:
+    """Where the operator keeps this job instance's objects in the store (`ULMFiTJob.run_id`):
+    `<namespace>/<name>/<uid>`."""
+    meta = job["metadata"]
+    return ULMFiTJob(
+        metadata=Metadata(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+    ).run_id
+
+
+def collect_garbage(kube: Kube, namespace: str, name: str, uid: str) -> None:
+    """The garbage collector's part after a job is deleted: what the job with that uid owned
+    (children, their ConfigMaps, Services) goes; a job of the same name created later owns none
+    of it."""
+    owned = list_children(kube, namespace, name)
+    for plural in ("configmaps", "services"):
+        owned += kube.list("v1", plural, namespace, f"{LABEL_JOB}={name}")
+    for item in owned:
+        if uid in owner_uids(item):
+            ref = ChildRef(item["apiVersion"], item["kind"], namespace, item["metadata"]["name"])
+            kube.delete(ref)
 
 
 def events(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
@@ -424,8 +460,19 @@ class Trainer:
         self.store = open_store(self.settings.root, self.settings)
         self._scratch = Path(tempfile.mkdtemp(prefix="ulmfit-trainer-"))
 
-    def checkpoints(self, namespace: str, job: str) -> CheckpointStore:
-        return CheckpointStore(self.store, f"{namespace}/{job}")
+    def run(self, namespace: str, job: str) -> str:
+        """The run path of the job of that name now in the cluster (its uid included)."""
+        return run_path(get_job(self.kube, namespace, job))
+
+    def checkpoints(self, namespace: str, job: str, run: str | None = None) -> CheckpointStore:
+        """The store of one job instance: `run` if given, else the current job of that name."""
+        return CheckpointStore(self.store, run or self.run(namespace, job))
+
+    def config(self, child: Mapping[str, Any]) -> StageConfig:
+        """What the operator gave the child's trainer: the stage config in its ConfigMap."""
+        meta = child["metadata"]
+        path = f"/api/v1/namespaces/{meta['namespace']}/configmaps/{config_map_name(meta['name'])}"
+        return StageConfig.model_validate_json(self.kube.request("GET", path)["data"]["stage.json"])
 
     # -- the Training Operator's part
 
@@ -547,6 +594,8 @@ class Trainer:
         total: int,
         phase: int | None = None,
         phases: int | None = None,
+        *,
+        run: str | None = None,
     ) -> None:
         record = StageProgress(
             stage=stage,
@@ -558,15 +607,22 @@ class Trainer:
             phase=phase,
             total_phases=phases,
         )
-        self.checkpoints(namespace, job).write_progress(stage, record)
+        self.checkpoints(namespace, job, run).write_progress(stage, record)
 
     def commit_final(
-        self, namespace: str, job: str, stage: str, metrics: Mapping[str, float], **meta: Any
+        self,
+        namespace: str,
+        job: str,
+        stage: str,
+        metrics: Mapping[str, float],
+        *,
+        run: str | None = None,
+        **meta: Any,
     ) -> str:
         directory = self._scratch / f"{namespace}-{job}-{stage}"
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "weights.bin").write_bytes(os.urandom(64))
-        checkpoint = self.checkpoints(namespace, job).save(
+        checkpoint = self.checkpoints(namespace, job, run).save(
             stage,
             "final",
             directory,
@@ -579,13 +635,21 @@ class Trainer:
     def complete(
         self, child: Mapping[str, Any], metrics: Mapping[str, float] | None = None, **meta: Any
     ) -> str:
-        """Run a stage to its end: Running, progress, final checkpoint, Succeeded."""
+        """Run a stage to its end: Running, progress, final checkpoint, Succeeded. The store
+        objects go where the child's stage config says (`run`), as the real trainer's do; and,
+        as the real one does, a stage whose final checkpoint is already there (in that run)
+        exits at once: Succeeded, no new checkpoint."""
         labels = child["metadata"]["labels"]
         namespace = child["metadata"]["namespace"]
         job, stage = labels[LABEL_JOB], labels["ulmfit.io/stage"]
+        run = self.config(child).run
         self.set_status(child, "Running")
-        self.progress(namespace, job, stage, 100, 100)
-        uri = self.commit_final(namespace, job, stage, metrics or {"loss": 1.25}, **meta)
+        finished = self.checkpoints(namespace, job, run).final(stage)
+        if finished is not None:  # "stage ... already finished"
+            self.set_status(child, "Succeeded")
+            return finished.uri
+        self.progress(namespace, job, stage, 100, 100, run=run)
+        uri = self.commit_final(namespace, job, stage, metrics or {"loss": 1.25}, run=run, **meta)
         self.set_status(child, "Succeeded")
         return uri
 

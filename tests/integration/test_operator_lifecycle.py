@@ -19,7 +19,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 from ulmfit_operator.api import parse_spec
 from ulmfit_operator.metrics import OperatorMetrics
-from ulmfit_operator.runtime.kube import Kube
+from ulmfit_operator.runtime.kube import Kube, job_ref
 from ulmfit_trainer.config import StageConfig
 from ulmfit_trainer.errors import InvalidSpec
 
@@ -30,6 +30,7 @@ from tests.integration.test_operator_harness import (  # noqa: F401 - fixtures
     OperatorProcess,
     Trainer,
     admin,
+    collect_garbage,
     condition,
     create_job,
     evaluation_metrics,
@@ -42,6 +43,7 @@ from tests.integration.test_operator_harness import (  # noqa: F401 - fixtures
     operator_crds,
     operator_kubeconfig,
     patch_job_spec,
+    run_path,
     shared_operator,
     start_operator,
     trainer,
@@ -76,7 +78,8 @@ def test_operator_walks_a_job_through_every_stage(
             "gpusPerWorker": 2,
         },
     )
-    create_job(admin, ns, name, spec)
+    run = run_path(create_job(admin, ns, name, spec))
+    assert run.startswith(f"{ns}/{name}/")  # the job's uid is part of its store path
     uris = {}
     for stage in ("pretrain", "finetune", "classifier", "evaluate"):
         child = wait_child(admin, ns, f"{name}-{stage}-a1")
@@ -123,12 +126,12 @@ def test_operator_walks_a_job_through_every_stage(
             "GET", f"/api/v1/namespaces/{ns}/configmaps/{meta['name']}-config"
         )
         config = StageConfig.model_validate(json.loads(config_map["data"]["stage.json"]))
-        assert config.stage == stage and config.run == f"{ns}/{name}"
+        assert config.stage == stage and config.run == run
         assert config.s3 is not None and config.s3.bucket == s3_bucket
         assert config_map["metadata"]["ownerReferences"][0]["name"] == name
         # Progress shows up in the status while the stage runs.
         trainer.set_status(child, "Running")
-        trainer.progress(ns, name, stage, 63, 100, phase=2, phases=4)
+        trainer.progress(ns, name, stage, 63, 100, phase=2, phases=4, run=run)
         wait_job(
             admin,
             ns,
@@ -137,15 +140,14 @@ def test_operator_walks_a_job_through_every_stage(
             f"progress of {stage}",
         )
         metrics = evaluation_metrics(0.875, 0.31) if stage == "evaluate" else {"loss": 1.5}
-        extra = (
-            {"modelUri": f"s3://{s3_bucket}/runs/{ns}/{name}/model"} if stage == "evaluate" else {}
-        )
-        uris[stage] = trainer.commit_final(ns, name, stage, metrics, **extra)
+        extra = {"modelUri": f"s3://{s3_bucket}/runs/{run}/model"} if stage == "evaluate" else {}
+        uris[stage] = trainer.commit_final(ns, name, stage, metrics, run=run, **extra)
+        assert uris[stage].startswith(f"s3://{s3_bucket}/runs/{run}/{stage}/")
         trainer.set_status(child, "Succeeded")
     job = wait_job(admin, ns, name, lambda j: is_true(j, "Succeeded"), "Succeeded")
     status = job["status"]
     assert status["result"] == {
-        "modelUri": f"s3://{s3_bucket}/runs/{ns}/{name}/model",
+        "modelUri": f"s3://{s3_bucket}/runs/{run}/model",
         "testMetrics": evaluation_metrics(0.875, 0.31),
     }
     succeeded = condition(job, "Succeeded")
@@ -215,9 +217,37 @@ def _job_yaml(name: str, spec: dict) -> str:
             False,
         ),
         ({"resources": {"imagePullPolicy": "Sometimes"}}, "spec.resources.imagePullPolicy", False),
+        ({"data": {"dataset": ""}}, "spec.data.dataset", True),
+        ({"data": {"dataset": "s3:///train"}}, "spec.data.dataset", True),
+        ({"model": {"pretrained": "s3://"}}, "spec.model.pretrained", True),
+        ({"tokenizer": {"pretrained": "s3://models"}}, "spec.tokenizer.pretrained", True),
+        (
+            {"model": {"family": "masked"}, "stages": {"classifier": {"head": "generative"}}},
+            "spec",
+            True,
+        ),
+        (
+            {
+                "model": {"family": "masked"},
+                "stages": {
+                    "cotrain": {
+                        "models": [{"name": "a"}],
+                        "minAgreement": 1,
+                        "classifier": {"head": "generative"},
+                    }
+                },
+            },
+            "spec",
+            True,
+        ),
+        ({"deepspeed": {"precision": "fp16"}}, "spec", True),
     ],
-    ids=["heads", "max-length", "gpus", "minimum", "enum"],
-)
+    ids=[
+        "heads", "max-length", "gpus", "minimum", "enum", "empty-dataset", "s3-no-bucket",
+        "s3-model", "s3-whole-bucket", "generative-masked", "generative-masked-cotrain",
+        "fp16-on-cpu",
+    ],
+)  # fmt: skip
 def test_operator_crd_rejects_invalid_jobs_at_admission(
     spec: dict,
     where: str,
@@ -246,6 +276,39 @@ def test_operator_crd_rejects_invalid_jobs_at_admission(
     if cel:  # a CEL rule says exactly what the pydantic validator says
         assert f'{where}: Invalid value: "object": {message}' in result.stderr, result.stderr
     assert get_or_none(kube_cluster, kube_namespace) is None
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"data": {"dataset": "s3://ulmfit-data/tickets/"}},
+        {"model": {"pretrained": None}, "tokenizer": {"pretrained": None}},
+        {"model": {"pretrained": "s3://models/gpt2"}, "tokenizer": {"pretrained": "/models/gpt2"}},
+        {"stages": {"classifier": {"head": "generative"}}},
+        {
+            "model": {"family": "masked"},
+            "stages": {
+                "classifier": {"head": "attention"},
+                "cotrain": {"models": [{"name": "a"}], "minAgreement": 1, "classifier": None},
+            },
+        },
+        {"deepspeed": {"precision": "bf16"}},
+        {"deepspeed": {"precision": "fp16"}, "resources": {"gpusPerWorker": 1}},
+    ],
+    ids=[
+        "s3-dataset", "null-pretrained", "s3-model", "generative-causal", "masked-null-cotrain",
+        "bf16-on-cpu", "fp16-on-gpu",
+    ],
+)  # fmt: skip
+def test_operator_crd_admits_the_specs_next_to_the_refused_ones(
+    spec: dict, operator_crds, kube_cluster, kube_namespace: str, kubectl: Tool
+) -> None:
+    parse_spec(spec)
+    result = kubectl.run(
+        "apply", "--dry-run=server", "-n", kube_namespace, "-f", "-",
+        input=_job_yaml("near", spec), kubeconfig=kube_cluster.kubeconfig, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
 
 
 def get_or_none(kube_cluster, namespace: str):
@@ -365,6 +428,97 @@ def test_operator_resumes_a_stage_from_its_checkpoint_after_a_failure(
     assert stage["state"] == "Succeeded" and stage["failures"] == 1
 
 
+def test_operator_runs_a_recreated_job_afresh_in_its_own_store_path(
+    shared_operator: OperatorProcess,
+    admin: Kube,
+    trainer: Trainer,
+    s3_server: SeaweedS3,
+    s3_bucket: str,
+    jobs_namespace: str,
+    tmp_path,
+) -> None:
+    """A job deleted and created again under the same name is a new job: its store path carries
+    its uid, so what the old one left (a final checkpoint, a half-done stage) is neither counted
+    nor resumed, and its trainers train from scratch. (Before, the path was by name: every
+    attempt of the new job's first stage found the old final, exited "already finished" without
+    a fresh one, and the job ended BackoffLimitExceeded.)"""
+    ns, name = jobs_namespace, "again"
+    spec = job_spec(s3_server, s3_bucket, runPolicy={"backoffLimit": 1})
+    old = create_job(admin, ns, name, spec)
+    old_uid, old_run = old["metadata"]["uid"], run_path(old)
+    old_final = trainer.complete(wait_child(admin, ns, f"{name}-finetune-a1"))
+    # The classifier gets partway: a committed phase checkpoint and its progress.
+    classifier = wait_child(admin, ns, f"{name}-classifier-a1")
+    trainer.set_status(classifier, "Running")
+    phase_dir = tmp_path / "phase-1"
+    phase_dir.mkdir()
+    (phase_dir / "weights.bin").write_bytes(b"the old job's phase 1")
+    old_store = trainer.checkpoints(ns, name, old_run)
+    old_store.save("classifier", "phase-1", phase_dir, meta={"phase": 1}, step=40)
+    trainer.progress(ns, name, "classifier", 40, 100, phase=1, phases=3, run=old_run)
+    wait_job(
+        admin,
+        ns,
+        name,
+        lambda j: j.get("status", {}).get("progress") == "classifier phase 1/3, 40%",
+        "the old job's classifier progress",
+    )
+
+    admin.delete(job_ref(ns, name))
+
+    def gone() -> bool:
+        try:
+            get_job(admin, ns, name)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(gone, 30, "the old job to be deleted")
+    collect_garbage(admin, ns, name, old_uid)
+    new = create_job(admin, ns, name, spec)
+    new_uid, new_run = new["metadata"]["uid"], run_path(new)
+
+    # The first stage starts again, as attempt 1 of the new job, in the new job's path; the old
+    # final does not count.
+    first = wait_child(admin, ns, f"{name}-finetune-a1", owner_uid=new_uid)
+    assert trainer.config(first).run == new_run
+    job = wait_job(admin, ns, name, lambda j: j.get("status", {}).get("stages"), "its stages")
+    finetune = next(s for s in job["status"]["stages"] if s["name"] == "finetune")
+    assert finetune["state"] != "Succeeded" and finetune.get("checkpoint") is None, finetune
+    # Progress is read from the new job's path.
+    trainer.set_status(first, "Running")
+    trainer.progress(ns, name, "finetune", 30, 100, run=new_run)
+    wait_job(
+        admin,
+        ns,
+        name,
+        lambda j: j.get("status", {}).get("progress") == "finetune 30%",
+        "the new job's finetune progress",
+    )
+    # Its trainer finds no final in its own path, so it trains and commits a new one.
+    new_final = trainer.complete(first)
+    assert new_final != old_final
+    # The half-done classifier is not resumed: its checkpoint is the old job's, not this one's.
+    classifier = wait_child(admin, ns, f"{name}-classifier-a1", owner_uid=new_uid)
+    assert classifier["metadata"]["annotations"]["ulmfit.io/init-checkpoint"] == new_final
+    assert trainer.config(classifier).run == new_run
+    assert trainer.checkpoints(ns, name, new_run).latest("classifier") is None
+    trainer.complete(classifier)
+    evaluate = wait_child(admin, ns, f"{name}-evaluate-a1", owner_uid=new_uid)
+    trainer.complete(evaluate, evaluation_metrics(0.75, 0.25))
+    job = wait_job(admin, ns, name, lambda j: is_true(j, "Succeeded"), "Succeeded")
+    stages = {s["name"]: s for s in job["status"]["stages"]}
+    assert [(s["state"], s["attempts"]) for s in stages.values()] == [("Skipped", 0)] + [
+        ("Succeeded", 1)
+    ] * 3
+    assert stages["finetune"]["checkpoint"] == new_final
+    assert new_run == f"{ns}/{name}/{new_uid}" != old_run
+    assert all(f"/runs/{new_run}/" in stages[s]["checkpoint"] for s in stages if s != "pretrain")
+    # What the old job made stays in the store, where it was.
+    assert old_store.final("finetune") is not None and old_store.final("finetune").uri == old_final
+    assert old_store.latest("classifier") is not None
+
+
 def test_operator_suspends_and_resumes_a_job(
     shared_operator: OperatorProcess,
     admin: Kube,
@@ -437,7 +591,7 @@ def test_operator_deletes_a_finished_job_after_its_ttl(
     jobs_namespace: str,
 ) -> None:
     ns, name = jobs_namespace, "short-lived"
-    create_job(
+    created = create_job(
         admin,
         ns,
         name,
@@ -455,7 +609,7 @@ def test_operator_deletes_a_finished_job_after_its_ttl(
 
     wait_for(gone, 30, "the job to be deleted after its TTL")
     # The store keeps what the job made.
-    assert trainer.checkpoints(ns, name).read_progress("finetune") is None
+    assert trainer.checkpoints(ns, name, run_path(created)).read_progress("finetune") is None
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 from ulmfit_operator import crd
 from ulmfit_operator.api import ULMFiTJobSpec, parse_spec
+from ulmfit_trainer.config import BLANK, S3_OBJECT_URI
 from ulmfit_trainer.errors import InvalidSpec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,6 +136,111 @@ def test_operator_cel_messages_say_what_the_validators_say() -> None:
         template = crd.CEL_RULES[model][0].message_expression
         literal = template[1 : template.index("'.format(")]
         assert literal % values == expected
+
+
+def _cel_literal(rule: crd.CelRule) -> str:
+    """The message expression's format string as the API server sees it (quotes unescaped)."""
+    template = rule.message_expression
+    return template[1 : template.index("'.format(")].replace("\\'", "'")
+
+
+MASKED_GENERATIVE_COTRAIN = {
+    "model": {"family": "masked"},
+    "stages": {
+        "cotrain": {
+            "models": [{"name": "a"}],
+            "minAgreement": 1,
+            "classifier": {"head": "generative"},
+        }
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "validator", "index", "spec", "values"),
+    [
+        ("DataSpec", "DataSpec._dataset_shape", 0, {"data": {"dataset": ""}}, ("",)),
+        ("DataSpec", "DataSpec._dataset_shape", 1, {"data": {"dataset": "s3://"}}, ("s3://",)),
+        (
+            "DataSpec", "DataSpec._dataset_shape", 1, {"data": {"dataset": "s3:///k"}},
+            ("s3:///k",),
+        ),
+        (
+            "ModelSpec", "ModelSpec._pretrained_shape", 0, {"model": {"pretrained": "s3:///m"}},
+            ("s3:///m",),
+        ),
+        (
+            "TokenizerSpec", "TokenizerSpec._pretrained_shape", 0,
+            {"tokenizer": {"pretrained": "s3://"}}, ("s3://",),
+        ),
+        (
+            "ULMFiTJobSpec", "ULMFiTJobSpec._heads_fit_the_family", 1,
+            {"model": {"family": "masked"}, "stages": {"classifier": {"head": "generative"}}},
+            ("generative", "masked"),
+        ),
+        (
+            "ULMFiTJobSpec", "ULMFiTJobSpec._heads_fit_the_family", 2, MASKED_GENERATIVE_COTRAIN,
+            ("generative", "masked"),
+        ),
+        (
+            "ULMFiTJobSpec", "ULMFiTJobSpec._precision_fits_the_device", 3,
+            {"deepspeed": {"precision": "fp16"}}, ("fp16", 0),
+        ),
+    ],
+    ids=[
+        "empty-dataset", "s3-empty", "s3-no-bucket", "s3-model", "s3-tokenizer",
+        "generative-masked", "generative-masked-cotrain", "fp16-on-cpu",
+    ],
+)  # fmt: skip
+def test_operator_cel_rules_for_specs_that_cannot_run_say_what_the_validators_say(
+    model: str, validator: str, index: int, spec: dict[str, Any], values: tuple[object, ...]
+) -> None:
+    rule = crd.CEL_RULES[model][index]
+    assert rule.validator == validator
+    with pytest.raises(InvalidSpec) as caught:
+        parse_spec(spec)
+    assert _cel_literal(rule) % values == caught.value.problems[0][2]
+
+
+def test_operator_cel_field_rules_point_at_their_field_and_share_the_models_regexes() -> None:
+    props = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    placed = {
+        "DataSpec": (props["data"], ".dataset"),
+        "ModelSpec": (props["model"], ".pretrained"),
+        "TokenizerSpec": (props["tokenizer"], ".pretrained"),
+    }
+    for model, (node, field_path) in placed.items():
+        rendered = [r for r in node["x-kubernetes-validations"] if r["rule"] != "self == oldSelf"]
+        assert rendered == [rule.render() for rule in crd.CEL_RULES[model]]
+        assert {rule["fieldPath"] for rule in rendered} == {field_path}
+    s3_rules = [rule.rule for name in placed for rule in crd.CEL_RULES[name][-1:]]
+    assert all(f"matches(r'{S3_OBJECT_URI}')" in rule for rule in s3_rules)
+    assert f"matches(r'{BLANK}')" in crd.CEL_RULES["DataSpec"][0].rule
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text", "found"),
+    [
+        (S3_OBJECT_URI, "s3://bucket/key", True),
+        (S3_OBJECT_URI, "s3://my.bucket-1//a/b/", True),
+        (S3_OBJECT_URI, "s3://", False),
+        (S3_OBJECT_URI, "s3:///key", False),
+        (S3_OBJECT_URI, "s3://bucket", False),
+        (S3_OBJECT_URI, "s3://bucket/", False),
+        (S3_OBJECT_URI, "s3://ab/key", False),  # bucket names have at least 3 characters
+        (S3_OBJECT_URI, "s3://Bucket/key", False),
+        (S3_OBJECT_URI, "s3://bucket:9000/key", False),
+        (BLANK, "", True),
+        (BLANK, " \t\n", True),
+        (BLANK, " data ", False),
+    ],
+)
+def test_operator_cel_regexes_mean_what_the_validators_check(
+    pattern: str, text: str, found: bool
+) -> None:
+    # CEL's `matches` is RE2 search, like `re.search`; the patterns use no syntax where the two
+    # differ (no lookaround, backreferences or \Z).
+    assert bool(re.search(pattern, text)) is found
 
 
 def _apply_defaults(value: Any, schema: dict[str, Any]) -> Any:

@@ -155,3 +155,26 @@ def test_stage_keys_and_configs_round_trip_through_json(tmp_path) -> None:
         stage.config.write(path)
         assert StageConfig.read(path) == stage.config
         assert StageConfig.read(path).key == stage.name
+
+
+def test_in_the_cluster_every_stage_runs_under_the_job_instance_uid() -> None:
+    """The operator's plan (the job has a UID) puts every stage, and so every checkpoint,
+    progress record and export, under `<namespace>/<name>/<uid>`; the local runner's (no UID)
+    under `<namespace>/<name>`, so a rerun resumes by name."""
+    stages = {"pretrain": {"enabled": True}, "cotrain": cotrain("a"), "tune": TUNE}
+    document = job(stages)
+    local = make_plan(parse_job(document), "/store")
+    uid = "3a1f5c9e-7b2d-4e6f-8a0b-1c2d3e4f5a6b"
+    document["metadata"]["uid"] = uid
+    cluster = make_plan(parse_job(document), "s3://bucket/runs")
+    assert local.names == cluster.names
+    assert local.run == "team/demo"
+    assert {stage.config.run for stage in local.stages} == {"team/demo"}
+    assert cluster.run == f"team/demo/{uid}"
+    assert {stage.config.run for stage in cluster.stages} == {f"team/demo/{uid}"}
+    # Apart from the run path (and the store root), the configs are the same.
+    for mine, theirs in zip(local.stages, cluster.stages, strict=True):
+        assert (
+            mine.config.model_copy(update={"run": cluster.run, "store_root": "s3://bucket/runs"})
+            == theirs.config
+        )

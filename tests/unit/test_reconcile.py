@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from ulmfit_operator.children import Child, ChildPhase
+from ulmfit_operator.policy import JobPolicy
 from ulmfit_operator.reconcile import (
     CreateObject,
     Decision,
@@ -22,6 +23,7 @@ from ulmfit_operator.reconcile import (
     final_checkpoint,
     reconcile,
 )
+from ulmfit_operator.settings import OperatorSettings
 from ulmfit_operator.status import format_time
 from ulmfit_trainer.records import EvaluationSummary, StageProgress, numeric_values
 
@@ -139,14 +141,19 @@ class Store:
         children: Sequence[Child] = (),
         now: datetime = NOW,
         rayjob_available: bool = False,
+        policy: JobPolicy | None = None,
     ) -> Decision:
         observation = Observation()
+        options: dict[str, Any] = {"rayjob_available": rayjob_available}
+        if policy is not None:
+            options["policy"] = policy
         for _ in range(40):
-            result = reconcile(body, children, observation, now, rayjob_available=rayjob_available)
+            result = reconcile(body, children, observation, now, **options)
             if not isinstance(result, NeedStore):
                 return result
             self.asked.append((result.stage, result.what))
-            assert result.run == f"team/{body['metadata']['name']}"
+            meta = body["metadata"]
+            assert result.run == f"team/{meta['name']}/{meta['uid']}"
             assert result.s3 is not None and result.s3.bucket == S3["bucket"]
             if result.what == "checkpoint":
                 observation = observation.with_checkpoint(
@@ -159,8 +166,13 @@ class Store:
         raise AssertionError("reconcile kept asking for store facts")
 
 
-def decide(body: Mapping[str, Any], children: Sequence[Child] = (), **store: Any) -> Decision:
-    return Store(**store).decide(body, children)
+def decide(
+    body: Mapping[str, Any],
+    children: Sequence[Child] = (),
+    policy: JobPolicy | None = None,
+    **store: Any,
+) -> Decision:
+    return Store(**store).decide(body, children, policy=policy)
 
 
 def after(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
@@ -219,6 +231,174 @@ def test_operator_invalid_endpoint_is_reported_with_its_value() -> None:
     failed = condition(decision.status or {}, "Failed")
     assert failed is not None and "spec.storage.s3.endpoint" in failed["message"]
     assert "ftp://store" in failed["message"]
+
+
+# ---------------------------------------------------------- what the operator's settings allow
+
+
+def policy(endpoints: str = "*", images: str = "*") -> JobPolicy:
+    """The policy of an operator started with these --allowed-* flags."""
+    return OperatorSettings(
+        allowed_s3_endpoints=endpoints, allowed_trainer_images=images
+    ).job_policy()
+
+
+def test_operator_refuses_an_s3_endpoint_it_does_not_allow_before_reading_it() -> None:
+    body = job({"storage": {"s3": {"endpoint": "http://169.254.169.254", "bucket": "ulmfit-test"}}})
+    store = Store()
+    first = store.decide(body, policy=policy("http://minio.minio.svc:9000,s3.example.com"))
+    # Refused before any store fact was asked for (nothing contacted) and nothing created.
+    assert store.asked == []
+    assert first.actions == () and first.state == "Failed"
+    failed = condition(first.status or {}, "Failed")
+    assert failed is not None and failed["status"] == "True" and failed["reason"] == "InvalidSpec"
+    message = failed["message"]
+    assert message.startswith("spec.storage.s3.endpoint: ")
+    assert "'http://169.254.169.254'" in message
+    assert "allows only the S3 endpoints http://minio.minio.svc:9000, s3.example.com" in message
+    assert "http://169.254.169.254:80 is not one of them" in message
+    assert "--allowed-s3-endpoints" in message and "allowedS3Endpoints" in message
+    [event] = first.events
+    assert event.type == "Warning" and event.reason == "InvalidSpec" and event.message == message
+    # No retry, no second event.
+    again = store.decide(after(body, first), policy=policy("http://minio.minio.svc:9000"))
+    assert again.status is None and again.events == () and again.actions == ()
+    assert store.asked == []
+
+
+def test_operator_allows_no_s3_endpoint_with_an_empty_list() -> None:
+    decision = decide(job(), policy=policy(""))
+    failed = condition(decision.status or {}, "Failed")
+    assert failed is not None and failed["reason"] == "InvalidSpec"
+    assert "the operator allows no S3 endpoint" in failed["message"]
+
+
+@pytest.mark.parametrize(
+    ("allowed", "endpoint", "secure", "ok"),
+    [
+        # The scheme's default port, the host's case, a trailing slash: the same endpoint.
+        ("http://minio:9000", "minio:9000", None, True),
+        ("http://minio:9000", "HTTP://MINIO:9000/", None, True),
+        ("minio:80", "http://minio", None, True),
+        ("https://s3.example.com", "https://s3.example.com:443", None, True),
+        ("https://s3.example.com:443", "s3.example.com", True, True),
+        # An entry without a scheme allows either, at the scheme's default port.
+        ("s3.example.com", "https://s3.example.com", None, True),
+        ("s3.example.com", "http://s3.example.com:80", None, True),
+        ("s3.example.com", "s3.example.com:9000", None, False),
+        ("[::1]:9000", "http://[::1]:9000", None, True),
+        # What the client would connect with decides: `secure` over the URL's scheme.
+        ("http://minio:9000", "https://minio:9000", None, False),
+        ("http://minio:9000", "minio:9000", True, False),
+        ("https://minio:9000", "http://minio:9000", True, True),
+        # Another host or port, a look-alike, a user part: refused.
+        ("http://minio:9000", "http://minio:9001", None, False),
+        ("http://minio:9000", "http://minio.evil.example:9000", None, False),
+        ("http://minio:9000", "http://minio:9000@evil.example:9000", None, False),
+        ("http://minio:9000", "http://user@minio:9000", None, False),
+        ("minio", "minio.", None, False),
+        ("*", "http://anything.example:1234", None, True),
+    ],
+)
+def test_operator_compares_s3_endpoints_by_scheme_host_and_port(
+    allowed: str, endpoint: str, secure: bool | None, ok: bool
+) -> None:
+    s3: dict[str, Any] = {"endpoint": endpoint, "bucket": "ulmfit-test"}
+    if secure is not None:
+        s3["secure"] = secure
+    store = Store()
+    decision = store.decide(job({"storage": {"s3": s3}}), policy=policy(allowed))
+    failed = condition(decision.status or {}, "Failed")
+    if ok:
+        assert failed is None, failed
+        assert store.asked and creates(decision)
+    else:
+        assert failed is not None and failed["reason"] == "InvalidSpec"
+        assert "spec.storage.s3.endpoint" in failed["message"]
+        assert store.asked == [] and decision.actions == ()
+
+
+def test_operator_refuses_a_trainer_image_it_does_not_allow() -> None:
+    body = job({"resources": {"image": "docker.io/attacker/miner:latest"}})
+    store = Store()
+    decision = store.decide(body, policy=OperatorSettings().job_policy())
+    assert store.asked == [] and decision.actions == ()
+    failed = condition(decision.status or {}, "Failed")
+    assert failed is not None and failed["reason"] == "InvalidSpec"
+    message = failed["message"]
+    assert message.startswith("spec.resources.image: ")
+    assert "'docker.io/attacker/miner:latest'" in message
+    assert "ghcr.io/ulmfit-operator/trainer[:TAG][@DIGEST]" in message
+    assert "--allowed-trainer-images" in message and "allowedTrainerImages" in message
+
+
+def test_operator_names_every_refused_field_at_once() -> None:
+    body = job(
+        {
+            "storage": {"s3": {"endpoint": "evil.example:9000", "bucket": "ulmfit-test"}},
+            "resources": {"image": "evil.example/trainer:1"},
+        }
+    )
+    decision = decide(body, policy=policy("minio:9000", "ghcr.io/ulmfit-operator/trainer"))
+    failed = condition(decision.status or {}, "Failed")
+    assert failed is not None
+    assert "spec.storage.s3.endpoint" in failed["message"]
+    assert "spec.resources.image" in failed["message"]
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("patterns", "image", "ok"),
+    [
+        # A repository: any tag and/or digest of it, nothing else.
+        ("ghcr.io/ulmfit-operator/trainer", "ghcr.io/ulmfit-operator/trainer:0.1.0", True),
+        ("ghcr.io/ulmfit-operator/trainer", "ghcr.io/ulmfit-operator/trainer", True),
+        ("ghcr.io/ulmfit-operator/trainer", f"ghcr.io/ulmfit-operator/trainer@{DIGEST}", True),
+        ("ghcr.io/ulmfit-operator/trainer", f"ghcr.io/ulmfit-operator/trainer:1@{DIGEST}", True),
+        ("ghcr.io/ulmfit-operator/trainer", "ghcr.io/ulmfit-operator/trainer-evil:1", False),
+        ("ghcr.io/ulmfit-operator/trainer", "ghcr.io/ulmfit-operator/trainer/x:1", False),
+        ("ghcr.io/ulmfit-operator/trainer", "ghcr.io/ulmfit-operator/trainer:a/b", False),
+        ("ghcr.io/ulmfit-operator/trainer", "ghcr.io/ulmfit-operator/trainer@sha256:zz", False),
+        ("ghcr.io/ulmfit-operator/trainer", "evil.io/ghcr.io/ulmfit-operator/trainer:1", False),
+        ("ghcr.io/ulmfit-operator/trainer", "ghcrXio/ulmfit-operator/trainer:1", False),
+        # A prefix.
+        ("registry.example.com/ml/*", "registry.example.com/ml/trainer:2", True),
+        ("registry.example.com/ml/*", "registry.example.com/mlx/trainer:2", False),
+        ("*", "anything:at-all", True),
+        # An exact image (a tag or digest given), with a registry port.
+        ("localhost:5000/trainer:dev", "localhost:5000/trainer:dev", True),
+        ("localhost:5000/trainer:dev", "localhost:5000/trainer:dev2", False),
+        # Several: any one.
+        ("a.io/x,b.io/y:1", "b.io/y:1", True),
+    ],
+)
+def test_operator_matches_trainer_images_against_the_patterns(
+    patterns: str, image: str, ok: bool
+) -> None:
+    decision = decide(job({"resources": {"image": image}}), policy=policy(images=patterns))
+    failed = condition(decision.status or {}, "Failed")
+    assert (failed is None) == ok, failed
+    if ok:
+        body = creates(decision)[1].body
+        containers = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        assert containers["containers"][0]["image"] == image
+
+
+def test_operator_default_policy_runs_the_default_trainer_image() -> None:
+    decision = decide(job(), policy=OperatorSettings().job_policy())
+    assert condition(decision.status or {}, "Failed") is None
+    assert len(creates(decision)) == 2
+
+
+def test_operator_finished_job_keeps_its_outcome_under_a_narrower_policy() -> None:
+    body = job()
+    store = Store(finals={s: final(s) for s in ("finetune", "classifier", "evaluate")})
+    done = store.decide(body)
+    assert done.state == "Succeeded"
+    later = decide(after(body, done), policy=policy("elsewhere:9000", "elsewhere/trainer"))
+    assert later.state == "Succeeded" and later.status is None and later.events == ()
 
 
 def test_operator_job_being_deleted_is_left_alone() -> None:
@@ -364,11 +544,19 @@ def test_operator_walks_every_stage_to_success() -> None:
     assert finished.status is None and finished.actions == () and finished.events == ()
 
 
-def test_operator_stale_final_checkpoint_of_an_earlier_job_is_ignored() -> None:
-    old = final("finetune", created_at=CREATED - timedelta(days=1))
-    decision = decide(job(), finals={"finetune": old})
-    assert (decision.status or {})["currentStage"] == "finetune"
-    assert [a.name for a in creates(decision)][-1] == "topics-finetune-a1"
+def test_operator_reads_the_store_only_under_this_job_instances_path() -> None:
+    """An earlier job of the same name wrote under its own UID: this one never sees it, however
+    its clock compares (a final made 'before' the job, by a slow clock, still counts)."""
+    body = job()
+    asked = reconcile(body, [], Observation(), NOW)
+    assert isinstance(asked, NeedStore) and asked.run == f"team/topics/{UID}"
+    again = copy.deepcopy(body)
+    again["metadata"]["uid"] = "another-uid"
+    asked_again = reconcile(again, [], Observation(), NOW)
+    assert isinstance(asked_again, NeedStore) and asked_again.run == "team/topics/another-uid"
+    skewed = final("finetune", created_at=CREATED - timedelta(minutes=1))
+    decision = decide(body, finals={"finetune": skewed})
+    assert (decision.status or {})["currentStage"] == "classifier"
 
 
 def test_operator_status_is_a_cache_that_can_be_recomputed() -> None:

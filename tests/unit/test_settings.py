@@ -22,7 +22,15 @@ import yaml
 from typer.testing import CliRunner
 from ulmfit_operator import __main__ as module_main
 from ulmfit_operator import cli
-from ulmfit_operator.settings import OperatorSettings, env_var, flag
+from ulmfit_operator.policy import S3Endpoint
+from ulmfit_operator.settings import (
+    DEFAULT_TRAINER_REPOSITORY,
+    OperatorSettings,
+    env_var,
+    flag,
+    flag_default,
+    is_list,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "ulmfit-operator"
@@ -35,6 +43,12 @@ NOT_CHART_VALUES = {
     "identity": "POD_NAME",  # per pod: the default identity is the pod's name
 }
 """Settings the chart does not take as a value of their own, and what sets them instead."""
+
+DERIVED_CHART_DEFAULTS = {"allowed_s3_endpoints": "s3.endpoint"}
+"""List settings whose chart value is empty by default and then comes from another value (and
+`*` when that is empty too: tests/integration/test_deploy_chart.py renders both)."""
+
+LIST_FIELDS = [name for name in FIELDS if is_list(name)]
 
 # A value other than the default for every field, as a flag's argument.
 OTHER = {
@@ -52,6 +66,8 @@ OTHER = {
     "identity": "replica-a",
     "log_format": "text",
     "log_level": "debug",
+    "allowed_s3_endpoints": "https://s3.example.com,minio.minio.svc:9000",
+    "allowed_trainer_images": "registry.example.com/ml/trainer,registry.example.com/ml/tools/*",
 }
 
 
@@ -133,7 +149,11 @@ def test_each_command_has_one_option_per_setting(entry: str) -> None:
         param = params[name]
         assert param.opts == [flag(name)], name
         assert param.envvar == env_var(name), name
-        assert param.default == field.default, name
+        assert param.default == flag_default(name), name
+        if is_list(name):
+            assert param.default == ",".join(field.default), name
+        else:
+            assert param.default == field.default, name
         assert param.help == field.description, name
 
 
@@ -178,6 +198,10 @@ def test_every_setting_falls_back_to_its_environment_variable(
         (["--metrics-port=70000"], "--metrics-port"),
         (["--log-format=xml"], "--log-format"),
         (["--resync-seconds=soon"], "--resync-seconds"),
+        (["--allowed-s3-endpoints=ftp://minio:21"], "--allowed-s3-endpoints"),
+        (["--allowed-s3-endpoints=http://minio:9000/bucket"], "--allowed-s3-endpoints"),
+        (["--allowed-s3-endpoints=minio:port"], "--allowed-s3-endpoints"),
+        (["--allowed-trainer-images=registry/*/trainer"], "--allowed-trainer-images"),
     ],
 )
 def test_invalid_settings_stop_with_the_flag_named(
@@ -187,6 +211,53 @@ def test_invalid_settings_stop_with_the_flag_named(
     assert result.exit_code == 2
     assert named in result.output
     assert started == []
+
+
+# --- list settings -------------------------------------------------------------------------------
+
+
+def test_the_default_bounds_any_endpoint_and_the_projects_trainer_repository() -> None:
+    settings = OperatorSettings()
+    assert settings.allowed_s3_endpoints == ("*",)
+    assert settings.allowed_trainer_images == (DEFAULT_TRAINER_REPOSITORY,)
+    assert DEFAULT_TRAINER_REPOSITORY == "ghcr.io/ulmfit-operator/trainer"
+    policy = settings.job_policy()
+    assert policy.s3_endpoints is None  # any
+    assert policy.trainer_images == ("ghcr.io/ulmfit-operator/trainer",)
+    assert policy.image_allowed("ghcr.io/ulmfit-operator/trainer:0.1.0")
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_a_list_setting_is_one_comma_separated_flag_and_the_last_one_wins(
+    entry: str, started: list[OperatorSettings]
+) -> None:
+    result = run(
+        entry,
+        [
+            "--allowed-s3-endpoints=http://a:9000",
+            "--allowed-s3-endpoints= http://Minio:9000 ,s3.example.com,",
+            "--allowed-trainer-images=registry.example.com/ml/trainer,*",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    [settings] = started
+    assert settings.allowed_s3_endpoints == ("http://Minio:9000", "s3.example.com")
+    assert settings.allowed_trainer_images == ("registry.example.com/ml/trainer", "*")
+    policy = settings.job_policy()
+    assert policy.s3_endpoints == (
+        S3Endpoint("http", "minio", 9000),
+        S3Endpoint(None, "s3.example.com", None),
+    )
+    assert policy.trainer_images is None  # `*`: any image
+    # An empty value is an empty list: nothing allowed (not the default).
+    result = run(entry, ["--allowed-s3-endpoints="], env={env_var("allowed_s3_endpoints"): "x"})
+    assert result.exit_code == 0, result.output
+    assert started[-1].allowed_s3_endpoints == ()
+    assert started[-1].job_policy().s3_endpoints == ()
+    # The environment variable takes the same list.
+    result = run(entry, [], env={env_var("allowed_trainer_images"): "a/b, c/d:1"})
+    assert result.exit_code == 0, result.output
+    assert started[-1].allowed_trainer_images == ("a/b", "c/d:1")
 
 
 # --- the chart and the manifests ----------------------------------------------------------------
@@ -199,7 +270,12 @@ def test_every_setting_has_a_chart_value_with_the_same_default() -> None:
             continue
         key = chart_value(name)
         assert key in values, f"values.yaml has no {key} for {flag(name)}"
+        if name in DERIVED_CHART_DEFAULTS:
+            assert values[key] == [], f"{key}: empty by default, then from the other value"
+            continue
         default = field.default if field.default is not None else ""
+        if is_list(name):
+            default = list(default)
         assert values[key] == default, f"{key}: {values[key]!r} in the chart, {default!r} here"
     assert values["watchNamespaces"] == [] and OperatorSettings().namespace is None
 
@@ -214,7 +290,7 @@ def test_every_chart_value_of_a_setting_is_in_the_schema() -> None:
 def test_the_deployment_template_renders_each_value_to_its_flag() -> None:
     template = (CHART / "templates" / "deployment.yaml").read_text()
     for name in FIELDS:
-        if name in NOT_CHART_VALUES or name == "standalone":
+        if name in NOT_CHART_VALUES or name == "standalone" or is_list(name):
             continue
         value = chart_value(name)
         direct = f"- {flag(name)}={{{{ .Values.{value} }}}}"
@@ -222,6 +298,20 @@ def test_the_deployment_template_renders_each_value_to_its_flag() -> None:
         assert direct in template or optional in template, f"{value} -> {flag(name)}"
     assert "{{- if .Values.standalone }}\n            - --standalone" in template
     assert "- --namespace={{ $watch }}" in template
+    # A list value: its entries joined by commas into the one flag (s3 endpoints: a helper that
+    # falls back to s3.endpoint, then `*`).
+    assert LIST_FIELDS == ["allowed_s3_endpoints", "allowed_trainer_images"]
+    assert (
+        '- {{ printf "--allowed-trainer-images=%s" (join "," .Values.allowedTrainerImages) '
+        "| quote }}" in template
+    )
+    assert (
+        '- {{ printf "--allowed-s3-endpoints=%s" (include "ulmfit-operator.allowedS3Endpoints" '
+        ".) | quote }}" in template
+    )
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert '{{- join "," .Values.allowedS3Endpoints -}}' in helpers
+    assert '{{- .Values.s3.endpoint | default "*" -}}' in helpers
     # The default identity is the pod's name.
     assert re.search(
         r"- name: POD_NAME\n\s+valueFrom:\n\s+fieldRef:\n\s+fieldPath: metadata.name", template

@@ -365,3 +365,40 @@ def test_operator_dashboard_service_name_fits_a_dns_label() -> None:
     name = dashboard_service_name(long)
     assert len(name) <= 63 and name.endswith("-tune-dashboard")
     assert name != dashboard_service_name("a" * 62)
+
+
+# ----------------------------------------------------------------------------------- images
+
+
+def images_in(node: Any) -> list[str]:
+    """Every container image a child body names (containers, init containers, anywhere)."""
+    if isinstance(node, dict):
+        found = [node["image"]] if isinstance(node.get("image"), str) else []
+        return found + [image for value in node.values() for image in images_in(value)]
+    if isinstance(node, list):
+        return [image for value in node for image in images_in(value)]
+    return []
+
+
+def test_operator_every_child_runs_only_the_jobs_trainer_image() -> None:
+    """The operator's image checks (settings, admission policy) bound spec.resources.image; that
+    holds only while every container of every child kind runs that image and no other."""
+    spec, plan = planned(
+        {
+            **SPEC,
+            "stages": {"pretrain": {"enabled": True}, "tune": {**TUNE, "backend": "rayjob"}},
+        }
+    )
+    kinds = set()
+    for stage in plan.stages:
+        backends = [TuneBackend.POD, TuneBackend.RAYJOB] if stage.kind == "tune" else [None]
+        for backend in backends:
+            attempt = Attempt(OWNER, stage, spec, 1)
+            body = child_workload(attempt, backend) if backend else child_workload(attempt)
+            kinds.add(body["kind"])
+            images = images_in(body)
+            assert images and set(images) == {"registry.example/trainer:1"}, (stage.name, images)
+    assert kinds == {"PyTorchJob", "Job", "RayJob"}
+    # The other objects a stage creates run nothing.
+    assert images_in(dashboard_service(OWNER)) == []
+    assert images_in(stage_config_map(OWNER, "topics-tune-a1", plan.stage("tune"), 1)) == []

@@ -36,6 +36,31 @@ def is_store_key(key: str) -> bool:
     )
 
 
+BUCKET_NAME = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+"""An S3 bucket name: 3 to 63 lowercase letters, digits, dots and hyphens."""
+
+S3_OBJECT_URI = rf"^s3://{BUCKET_NAME}/+[^/]"
+"""An `s3://` URI that names a bucket and a key under it (`s3://bucket/key`). The same regex
+is a CEL rule in the CRD (RE2 and Python agree on it), so keep it to plain classes."""
+
+S3_URI_SHAPE = (
+    "is not an s3://bucket/key URI: it needs a bucket name (3-63 lowercase letters, digits, dots,"
+    " hyphens) and a key under it"
+)
+"""What `s3_uri_problem` says after the field and its value (the CRD's rule says the same)."""
+
+BLANK = r"^[ \t\n\r\f]*$"
+"""Empty or only whitespace (RE2 and Python agree on this class)."""
+
+
+def s3_uri_problem(field: str, value: str) -> str | None:
+    """Why `value` (of `field`) is an `s3://` URI that cannot be fetched (`s3://`, `s3:///key`,
+    a bad bucket name, a whole bucket), or None when it is fine or not an `s3://` URI at all."""
+    if value.startswith("s3://") and not re.search(S3_OBJECT_URI, value):
+        return f"{field} '{value}' {S3_URI_SHAPE}"
+    return None
+
+
 class S3Settings(BaseModel):
     """Connection to an S3-compatible object store (MinIO, SeaweedFS, AWS S3).
 
@@ -54,10 +79,10 @@ class S3Settings(BaseModel):
     endpoint: Annotated[str, Field(min_length=1)]
     """S3 API endpoint: `host:port`, or a URL `http://host:port` / `https://host`. The scheme
     decides TLS unless `secure` is set."""
-    bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    bucket: Annotated[str, Field(pattern=rf"^{BUCKET_NAME}$")]
     """Bucket that holds every job's objects."""
     prefix: str = "ulmfit"
-    """Key prefix inside the bucket; jobs live under `<prefix>/<namespace>/<job>/`."""
+    """Key prefix inside the bucket; a job lives under `<prefix>/<namespace>/<job>/<uid>/`."""
     region: str | None = None
     """Region of the bucket. Default: asked from the server once per bucket."""
     secure: bool | None = None
@@ -176,6 +201,17 @@ class DataSpec(WireModel):
     max_length: Annotated[int, Field(ge=8, le=8192)] = 128
     """Tokens per sequence (LM blocks and classifier inputs are cut to this length)."""
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_shape(cls, value: str) -> str:
+        if re.search(BLANK, value):
+            raise ValueError(
+                f"dataset '{value}' is empty: give builtin://NAME, s3://bucket/key or a directory"
+            )
+        if problem := s3_uri_problem("dataset", value):
+            raise ValueError(problem)
+        return value
+
 
 class ArchitectureSpec(WireModel):
     """A model built from scratch from a small transformers config (no weights downloaded)."""
@@ -211,6 +247,13 @@ class ModelSpec(WireModel):
     architecture: ArchitectureSpec = Field(default_factory=ArchitectureSpec)
     """Shape of a from-scratch model (ignored when `pretrained` is set)."""
 
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_shape(cls, value: str | None) -> str | None:
+        if value is not None and (problem := s3_uri_problem("pretrained", value)):
+            raise ValueError(problem)
+        return value
+
 
 class TokenizerSpec(WireModel):
     """The tokenizer: a pretrained one, or a byte-level BPE trained on the corpus."""
@@ -222,6 +265,13 @@ class TokenizerSpec(WireModel):
     """Vocabulary size of a trained tokenizer (byte-level BPE needs at least 260)."""
     lowercase: bool = False
     """Lowercase text before a trained tokenizer sees it."""
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_shape(cls, value: str | None) -> str | None:
+        if value is not None and (problem := s3_uri_problem("pretrained", value)):
+            raise ValueError(problem)
+        return value
 
 
 class LMStageSpec(WireModel):
@@ -568,7 +618,8 @@ class DeepSpeedSpec(WireModel):
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 2
     """ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters partitioned."""
     precision: Precision = Precision.AUTO
-    """`auto`: bf16 on GPU, fp32 on CPU."""
+    """`auto`: bf16 on GPU, fp32 on CPU. `bf16` and `fp32` also run on CPU; `fp16` needs GPUs
+    (`resources.gpusPerWorker` above 0)."""
     gradient_clipping: Annotated[float, Field(ge=0.0)] = 1.0
     """Clip the global gradient norm to this value (0 = off)."""
 
@@ -597,7 +648,8 @@ class StageConfig(WireModel):
     name: str | None = None
     """The stage's key in the store (`cotrain-<model>`, say); default: `stage`."""
     run: str
-    """Run identity `<namespace>/<job>` under the store root: where this job's objects live."""
+    """Run path under the store root, where this job's objects live: `<namespace>/<job>/<uid>` in
+    the cluster (each job instance its own), `<namespace>/<job>` for the local runner."""
     store_root: str
     """Local directory or `s3://bucket/prefix` of the store."""
     s3: S3Settings | None = None

@@ -62,6 +62,42 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- end -}}
 {{- end -}}
 
+{{/* What jobs may name ------------------------------------------------------------------ */}}
+
+{{/* The operator's --allowed-s3-endpoints: allowedS3Endpoints, else s3.endpoint, else `*`. */}}
+{{- define "ulmfit-operator.allowedS3Endpoints" -}}
+{{- if .Values.allowedS3Endpoints -}}
+{{- join "," .Values.allowedS3Endpoints -}}
+{{- else -}}
+{{- .Values.s3.endpoint | default "*" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The whole-string RE2 expression of one allowedTrainerImages pattern, as ulmfit_operator/policy.py
+builds it: `PREFIX*` any image starting with PREFIX; a pattern with an `@digest` or a `:tag` in
+its last path segment exactly that image; else a repository, with any tag and/or digest (the OCI
+reference grammar's).
+*/}}
+{{- define "ulmfit-operator.imageRegex" -}}
+{{- if hasSuffix "*" . -}}
+^{{ trimSuffix "*" . | regexQuoteMeta }}.*$
+{{- else if or (contains "@" .) (contains ":" (splitList "/" . | last)) -}}
+^{{ regexQuoteMeta . }}$
+{{- else -}}
+^{{ regexQuoteMeta . }}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$
+{{- end -}}
+{{- end -}}
+
+{{/* One allowedTrainerImages pattern for people: a repository as `REPOSITORY[:TAG][@DIGEST]`. */}}
+{{- define "ulmfit-operator.imagePatternText" -}}
+{{- if or (hasSuffix "*" .) (contains "@" .) (contains ":" (splitList "/" . | last)) -}}
+{{- . -}}
+{{- else -}}
+{{- printf "%s[:TAG][@DIGEST]" . -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Validation ------------------------------------------------------------------------------ */}}
 
 {{/*

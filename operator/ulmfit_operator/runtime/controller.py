@@ -4,8 +4,10 @@ Watch events only update the `View` and queue the job (no I/O on kopf's loop). A
 job off the `WorkQueue`, reads what `reconcile.reconcile` asks for from the store, and applies
 its decision: create/stop/delete children, one status patch (with the resourceVersion read, so a
 stale view cannot overwrite a newer status), then events. A resync tick re-queues every
-unfinished job so store-side progress is seen without any Kubernetes event. Only the leader
-(`is_leader`) reconciles; a standby keeps its view warm.
+unfinished job so store-side progress is seen without any Kubernetes event. Reconcile gets the
+settings' `JobPolicy`, so a job naming an S3 endpoint or trainer image they do not allow fails
+before the store is read or a child is created. Only the leader (`is_leader`) reconciles; a
+standby keeps its view warm.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class Controller:
         self.metrics = metrics
         self.settings = settings
         self.identity = identity
+        self.policy = settings.job_policy()
+        """The S3 endpoints and trainer images a job may name (reconcile refuses others)."""
         self.view = View()
         self.queue = WorkQueue()
         self._written: dict[Key, str] = {}
@@ -230,7 +234,12 @@ class Controller:
         # a plan has at most 10 rounds x 16 co-trained models plus 6 other stages.
         for _ in range(2 * 170):
             decision = reconcile(
-                job, children, observation, now, rayjob_available=self.rayjob_available
+                job,
+                children,
+                observation,
+                now,
+                rayjob_available=self.rayjob_available,
+                policy=self.policy,
             )
             if not isinstance(decision, NeedStore):
                 return decision

@@ -11,9 +11,15 @@ What lives where in this package:
 
 Both backends keep the same layout under their root (a directory, or ``s3://bucket/prefix``)::
 
-    <namespace>/<job>/<stage>/<tag>/<files...>     one checkpoint
-    <namespace>/<job>/<stage>/<tag>/meta.json      its commit record, written last
-    <namespace>/<job>/<stage>/progress.json        what the operator reads for status
+    <run>/<stage>/<tag>/<files...>     one checkpoint
+    <run>/<stage>/<tag>/meta.json      its commit record, written last
+    <run>/<stage>/progress.json        what the operator reads for status
+    <run>/model/                       the exported model (the evaluate stage)
+
+where ``<run>`` (``StageConfig.run``) is ``<namespace>/<job>/<uid>`` for a job in the cluster: each
+instance of a job (its UID) owns its run, so one re-created under the same name never resumes
+or reuses the checkpoints of the one before. The local runner's run is ``<namespace>/<job>``,
+so rerunning a job file resumes by name. `CheckpointStore` only ever reads inside its run.
 
 A checkpoint exists only once its ``meta.json`` is written, after every file it lists (with size
 and sha256) is complete. The newest checkpoint is found by listing commit records, never through

@@ -76,7 +76,8 @@ class Checkpoint:
 
 
 class CheckpointStore:
-    """Checkpoints and progress of one run (`<namespace>/<job>`) in a store."""
+    """Checkpoints and progress of one run in a store (`<namespace>/<job>/<uid>`; the local
+    runner's: `<namespace>/<job>`)."""
 
     def __init__(self, store: Store, run: str):
         self.store = store
