@@ -44,10 +44,14 @@ def _load(path: Path) -> ULMFiTJob:
         return load_job_file(text)
     except InvalidSpec as error:
         errors.print(f"[red]invalid ULMFiTJob[/] {escape(str(path))}:")
-        for field, value, message in error.problems:
-            line = f"  {field or '(document)'}: {message} (got {value!r})"
-            errors.print(line, highlight=False, markup=False)
+        _print_problems(error)
         raise typer.Exit(EXIT_INVALID_SPEC) from None
+
+
+def _print_problems(error: InvalidSpec) -> None:
+    for field, value, message in error.problems:
+        line = f"  {field or '(document)'}: {message} (got {value!r})"
+        errors.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -59,7 +63,10 @@ def run(
     ] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Training processes per stage.")] = 2,
 ) -> None:
-    """Run every stage of the job on this machine; a rerun resumes where the last one stopped."""
+    """Run every stage of the job on this machine; a rerun resumes where the last one stopped.
+
+    Exits 2 when the data does not fit the job (checked before any stage) or a stage finds its
+    input invalid, 1 when a stage fails otherwise, 130 when interrupted."""
     from ulmfit_operator.local import Interrupted, LocalRunner, StageFailed, result_table
 
     job = _load(job_file)
@@ -67,11 +74,17 @@ def run(
     try:
         runner = LocalRunner(job, workdir, nproc=nproc, console=console)
         result = runner.run()
+    except InvalidSpec as error:  # the preflight: the data does not fit the spec
+        errors.print(f"[red]✗ the data does not fit {escape(str(job_file))}[/] (no stage ran):")
+        _print_problems(error)
+        raise typer.Exit(EXIT_INVALID_SPEC) from None
     except StageFailed as failure:
-        errors.print(f"[red]✗ {escape(str(failure))}[/]")
-        for line in failure.tail:
-            errors.print(f"  {line}", highlight=False, markup=False)
-        raise typer.Exit(EXIT_FAILED) from None
+        errors.print(f"[red]✗ {escape(str(failure))}[/]", highlight=False, soft_wrap=True)
+        if failure.error is None:  # no error line from the trainer: the end of its log
+            for line in failure.tail:
+                errors.print(f"  {line}", highlight=False, markup=False)
+        errors.print(f"  log: {failure.log_path}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID_SPEC if failure.invalid else EXIT_FAILED) from None
     except Interrupted as stop:
         errors.print(f"[yellow]{escape(str(stop))}[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None

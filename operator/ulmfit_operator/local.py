@@ -9,6 +9,13 @@ cluster runs side by side run here in turn. Training stages run under torchrun; 
 is one process that starts Ray on the local cores by itself, and its output (the live trial
 table) is shown as it comes.
 
+Before the first stage it runs, the runner checks the data against every stage still to run
+(`ulmfit_trainer.preflight`: splits present, every label the spec names found in the data), so a
+bad weak-label rule fails in seconds with `InvalidSpec` instead of after the LM stages. A stage
+that fails raises `StageFailed` carrying the trainer's own error line, taken from the `failed`
+`StageProgress` the trainer reports (on stdout, else in the store), and whether it marked its
+input `invalid` (then `ulmfit run` exits 2); torchrun's traceback stays in the stage's log.
+
 A stage whose final checkpoint is already committed in the store is not run again, and a stage
 that was interrupted resumes from its latest checkpoint (the trainer does that by itself), so
 rerunning `ulmfit run` after Ctrl-C or a crash continues where it stopped.
@@ -39,7 +46,13 @@ from rich.progress import (
 from rich.table import Table
 from ulmfit_trainer.config import StageName
 from ulmfit_trainer.errors import PermanentError, UlmfitError
-from ulmfit_trainer.records import StageProgress, parse_evaluation, parse_progress_line
+from ulmfit_trainer.preflight import check_stages
+from ulmfit_trainer.records import (
+    StageProgress,
+    now_iso,
+    parse_evaluation,
+    parse_progress_line,
+)
 from ulmfit_trainer.store import CheckpointStore, StoreError, open_store
 
 from ulmfit_operator.api import ULMFiTJob
@@ -54,9 +67,25 @@ TUNE_SUMMARY = ("trials", "trialsCompleted", "trialsStoppedEarly", "trialsFailed
 
 
 class StageFailed(UlmfitError):
-    def __init__(self, stage: str, returncode: int, log_path: Path, tail: list[str]):
+    """A stage exited non-zero (or committed no final checkpoint).
+
+    `error` is the trainer's own error line (`InvalidSpec: data.dataset: ...`) when it reported
+    one, and `invalid` says it found its input invalid; `tail` is the end of the stage's log.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        returncode: int,
+        log_path: Path,
+        tail: list[str],
+        error: str | None = None,
+        invalid: bool = False,
+    ):
         self.stage, self.returncode, self.log_path, self.tail = stage, returncode, log_path, tail
-        super().__init__(f"stage {stage} failed with exit code {returncode}; log: {log_path}")
+        self.error, self.invalid = error, invalid
+        reason = error or f"exit code {returncode}"
+        super().__init__(f"{stage} failed: {reason}")
 
 
 class Interrupted(UlmfitError):
@@ -167,6 +196,7 @@ class LocalRunner:
     def run(self) -> RunResult:
         for sub in ("configs", "logs"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        self.preflight()
         outcomes = [self._run_stage(stage) for stage in self.plan.stages]
         evaluation = outcomes[-1]
         summary = parse_evaluation(evaluation.metrics)
@@ -182,6 +212,13 @@ class LocalRunner:
         )
         (self.workdir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         return result
+
+    def preflight(self) -> None:
+        """Check the data against every stage still to run; `InvalidSpec` names each problem.
+        Nothing is read when every stage has finished."""
+        pending = [s.config for s in self.plan.stages if self.checkpoints.final(s.name) is None]
+        if pending:
+            check_stages(pending)
 
     def _evaluation_report(self) -> dict[str, Any]:
         """The evaluate stage's full report (per class, confusion matrix) from the store."""
@@ -225,13 +262,18 @@ class LocalRunner:
             self.console.print(
                 f"[bold]▶ {stage.name}[/] ({nproc} process{'es' if nproc > 1 else ''})"
             )
-        started = time.monotonic()
-        returncode, tail = self._supervise(
+        started, started_at = time.monotonic(), now_iso()
+        returncode, tail, failure = self._supervise(
             command, stage.name, log_path, echo=stage.kind == StageName.TUNE
         )
         duration = time.monotonic() - started
         if returncode != 0:
-            raise StageFailed(stage.name, returncode, log_path, tail)
+            failure = failure or self._recorded_failure(stage.name, since=started_at)
+            raise StageFailed(
+                stage.name, returncode, log_path, tail,
+                error=failure.error if failure else None,
+                invalid=bool(failure and failure.invalid),
+            )  # fmt: skip
         finished = self._finished(stage)
         if finished is None:
             raise StageFailed(
@@ -246,9 +288,21 @@ class LocalRunner:
         )
         return finished
 
+    def _recorded_failure(self, stage: str, since: str) -> StageProgress | None:
+        """The `failed` progress the trainer wrote to the store during this attempt, if any."""
+        try:
+            report = self.checkpoints.read_progress(stage)
+        except StoreError:
+            return None
+        if report is None or report.state != "failed" or not report.error:
+            return None
+        return report if report.updated_at >= since else None  # not a stale one
+
     def _supervise(
         self, command: list[str], stage: str, log_path: Path, echo: bool = False
-    ) -> tuple[int, list[str]]:
+    ) -> tuple[int, list[str], StageProgress | None]:
+        """Run ``command``, following its output: (exit status, log tail, the `failed` report
+        it printed, if any)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         with log_path.open("a") as log, _progress_display(self.console) as progress:
@@ -264,8 +318,8 @@ class LocalRunner:
             )
             try:
                 assert process.stdout is not None
-                _follow(process.stdout, log, tail, progress, task, echo=echo)
-                return process.wait(), list(tail)
+                failure = _follow(process.stdout, log, tail, progress, task, echo=echo)
+                return process.wait(), list(tail), failure
             except KeyboardInterrupt:
                 _stop(process)
                 raise Interrupted(
@@ -284,13 +338,18 @@ def _follow(
     progress: Progress,
     task: Any,
     echo: bool = False,
-) -> None:
+) -> StageProgress | None:
     """Progress lines move the bar (a `dashboard` URL in one is shown once); other lines go to
-    the log, and with `echo` (the tune stage's trial table) to the console as well."""
+    the log, and with `echo` (the tune stage's trial table) to the console as well. Returns the
+    first `failed` report with an error line (the failing rank's), if one came."""
     dashboard_shown = False
+    failure: StageProgress | None = None
     for line in stream:
         report = parse_progress_line(line)
         if report is not None:
+            if report.state == "failed" and report.error and failure is None:
+                failure = report
+                log.write(f"{report.stage} failed (rank {report.rank}): {report.error}\n")
             if report.dashboard and not dashboard_shown:
                 progress.console.print(f"  Ray dashboard: {report.dashboard}", highlight=False)
                 dashboard_shown = True
@@ -300,6 +359,7 @@ def _follow(
         tail.append(line.rstrip("\n"))
         if echo:
             progress.console.print(line.rstrip("\n"), markup=False, highlight=False)
+    return failure
 
 
 def _show(progress: Progress, task: Any, report: StageProgress) -> None:

@@ -217,8 +217,9 @@ def test_local_runner_walks_the_dag_and_summarizes_tune_and_pseudo_labels(
             "stages": {
                 "cotrain": {
                     "models": [
-                        {"name": "a", "rules": [{"label": "a", "keywords": ["alpha"]}]},
-                        {"name": "b", "rules": [{"label": "b", "keywords": ["beta"]}]},
+                        # Labels of the builtin dataset: the preflight checks every rule's.
+                        {"name": "a", "rules": [{"label": "games", "keywords": ["game"]}]},
+                        {"name": "b", "rules": [{"label": "net", "keywords": ["network"]}]},
                     ],
                     "rounds": 2,
                 },

@@ -115,3 +115,55 @@ def test_predict_on_a_missing_model_is_a_usage_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2 and "not a model directory" in done.stderr
     assert "torch" not in done.stderr  # rejected before any heavy import
+
+
+QUICK_JOB = "apiVersion: ulmfit.io/v1alpha1\nkind: ULMFiTJob\nmetadata: {name: quick}\n"
+
+
+def _failing_run(tmp_path: Path, monkeypatch, failure) -> object:
+    """`ulmfit run` whose runner raises ``failure`` (no stage, no data read)."""
+    from ulmfit_operator.local import LocalRunner
+
+    def run(self):
+        raise failure
+
+    monkeypatch.setattr(LocalRunner, "run", run)
+    job = tmp_path / "quick.yaml"
+    job.write_text(QUICK_JOB)
+    return runner.invoke(app, ["run", str(job), "--workdir", str(tmp_path / "work")])
+
+
+def test_a_stage_with_invalid_input_prints_the_trainers_line_and_exits_2(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from ulmfit_operator.local import StageFailed
+
+    log = tmp_path / "work" / "logs" / "cotrain-a.log"
+    error = "InvalidSpec: stages.cotrain.models[0].rules[0].label: not a label (got 'gamez')"
+    tail = ["Traceback (most recent call last):", "ChildFailedError:"]
+    result = _failing_run(
+        tmp_path, monkeypatch, StageFailed("cotrain-a", 1, log, tail, error=error, invalid=True)
+    )
+    assert result.exit_code == EXIT_INVALID_SPEC, result.output
+    assert f"✗ cotrain-a failed: {error}" in result.output
+    assert f"log: {log}" in result.output
+    assert "ChildFailedError" not in result.output and "Traceback" not in result.output
+
+
+def test_a_stage_that_fails_otherwise_exits_1_with_its_line_or_its_log_tail(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from ulmfit_operator.cli import EXIT_FAILED
+    from ulmfit_operator.local import StageFailed
+
+    log = tmp_path / "finetune.log"
+    failed = StageFailed("finetune", 1, log, ["torch says"], error="RuntimeError: out of memory")
+    result = _failing_run(tmp_path, monkeypatch, failed)
+    assert result.exit_code == EXIT_FAILED
+    assert "✗ finetune failed: RuntimeError: out of memory" in result.output
+    assert "torch says" not in result.output
+    # No error line from the trainer (it crashed): the end of the log stands in for it.
+    result = _failing_run(tmp_path, monkeypatch, StageFailed("finetune", -9, log, ["killed"]))
+    assert result.exit_code == EXIT_FAILED
+    assert "✗ finetune failed: exit code -9" in result.output and "  killed" in result.output
+    assert f"log: {log}" in result.output

@@ -6,6 +6,10 @@
 Exit status: 0 when the stage finished (or had already finished), 1 when it failed, 2 for a bad
 command line or config. A stage whose final checkpoint is already committed prints its stored
 metrics and exits before torch is even imported, so rerunning a finished stage costs nothing.
+The trainer looks for that final checkpoint, and resumes, only under the config's `run`: in the
+cluster that path carries the job's UID (`<namespace>/<name>/<uid>`, see
+`ulmfit_operator.api.ULMFiTJob.run_id`), so what an earlier job of the same name left in the
+store is neither resumed nor reported finished; the local runner's run is `<namespace>/<name>`.
 On success rank 0 prints one ``@metrics {json}`` line on stdout; on failure the failing rank
 writes a ``failed`` ``records.StageProgress`` (the error line) as the stage's progress.
 """
@@ -62,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if finished is not None:
         if rank == 0:
-            print(f"stage {args.stage} already finished: {finished.uri}", file=sys.stderr)
+            print(
+                f"stage {args.stage} of run {config.run} already finished: {finished.uri}",
+                file=sys.stderr,
+            )
             print(METRICS_PREFIX + json.dumps(finished.meta.get("metrics", {})), flush=True)
         return 0
 
@@ -73,12 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
         log.error("stage %s failed: %s\n%s", args.stage, message, traceback.format_exc())
-        report = StageProgress(stage=config.key, state="failed", error=message[:1000], rank=rank)
+        from ulmfit_trainer.errors import InvalidSpec
+
+        invalid = isinstance(exc, InvalidSpec)  # a bad spec or data: exit 2, marked in the record
+        report = StageProgress(
+            stage=config.key, state="failed", error=message[:1000], rank=rank,
+            invalid=invalid or None,
+        )  # fmt: skip
         try:
             checkpoints.write_progress(config.key, report)
         except Exception as store_exc:  # the failure itself matters more; say both
             log.warning("could not record the failure in the store: %s", store_exc)
-        return 1
+        print(report.to_line(), flush=True)  # the local runner's follower reads it
+        return 2 if invalid else 1
     finally:
         _leave_process_group()
     if rank == 0:

@@ -7,9 +7,6 @@ computes the same sample and the same permutation, and a resumed run finds batch
 
 from __future__ import annotations
 
-import gzip
-import json
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -20,48 +17,20 @@ import torch
 
 from ulmfit_trainer.config import DataSpec, S3Settings
 from ulmfit_trainer.errors import InvalidSpec, PermanentError
-from ulmfit_trainer.store import fetch
+from ulmfit_trainer.preflight import (  # the torch-free reading, shared with the preflight check
+    dataset_dir,
+    dataset_labels,
+    is_multi_label,
+    read_jsonl,
+    read_splits,
+    seeded_sample,
+)
 
-SPLITS = ("train", "valid", "test", "unlabeled")
-LABELED = ("train", "valid", "test")
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def dataset_dir(uri: str, s3: S3Settings | None, workdir: str | Path) -> Path:
-    """A local directory holding the dataset at ``uri`` (downloaded when it is on S3)."""
-    if uri.startswith("builtin://"):
-        from ulmfit_trainer.datasets import builtin_dataset_dir
-
-        return Path(builtin_dataset_dir(uri.removeprefix("builtin://")))
-    if uri.startswith("s3://"):
-        return fetch(uri, Path(workdir) / "dataset", s3)
-    path = fetch(uri, workdir, s3)
-    if not path.is_dir():
-        raise InvalidSpec([("data.dataset", uri, "no such directory")])
-    return path
-
-
-def _split_file(directory: Path, split: str) -> Path | None:
-    for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
-        if (directory / name).exists():
-            return directory / name
-    return None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def seeded_sample(items: list, k: int | None, seed: int, salt: str) -> list:
-    """At most ``k`` items, the same ones for a given seed on every rank, in their file order."""
-    if k is None or k >= len(items):
-        return items
-    rng = random.Random(f"{seed}:{salt}")
-    return [items[i] for i in sorted(rng.sample(range(len(items)), k))]
+__all__ = [  # `dataset_dir`, `read_jsonl` and `seeded_sample` are re-exported for the stages
+    "Encoded", "ShardedOrder", "TextDataset", "dataset_dir", "encode_classification",
+    "encode_targets", "eval_shard", "lm_blocks", "lm_texts", "load_dataset", "pad_batch",
+    "read_jsonl", "seeded_sample",
+]  # fmt: skip
 
 
 @dataclass
@@ -96,39 +65,15 @@ class TextDataset:
 def load_dataset(
     spec: DataSpec, s3: S3Settings | None, seed: int, workdir: str | Path
 ) -> TextDataset:
+    """The dataset's splits (each capped by its seeded sample) and label set; the rows are
+    those `ulmfit_trainer.preflight` checks."""
     directory = dataset_dir(spec.dataset, s3, workdir)
-    caps = {
-        "train": spec.max_train_examples,
-        "valid": spec.max_eval_examples,
-        "test": spec.max_eval_examples,
-        "unlabeled": spec.max_unlabeled_examples,
-    }
-    splits: dict[str, list[dict]] = {}
-    for split in SPLITS:
-        path = _split_file(directory, split)
-        if path is not None:
-            splits[split] = seeded_sample(read_jsonl(path), caps[split], seed, split)
-    if not splits:
-        raise InvalidSpec(
-            [("data.dataset", spec.dataset, "holds no train/valid/test/unlabeled .jsonl(.gz)")]
-        )
+    splits = read_splits(spec, directory, seed)
     for split, rows in splits.items():
         if rows and spec.text_field not in rows[0]:
             raise InvalidSpec([("data.textField", spec.text_field, f"not a key of {split} rows")])
-
-    seen = [
-        row[spec.label_field]
-        for split in LABELED
-        for row in splits.get(split, [])
-        if spec.label_field in row
-    ]
-    multi_label = any(isinstance(label, list) for label in seen)
-    labels_file = directory / "labels.json"
-    if labels_file.exists():
-        labels = [str(label) for label in json.loads(labels_file.read_text())]
-    else:
-        flat = chain.from_iterable(x if isinstance(x, list) else [x] for x in seen)
-        labels = sorted({str(label) for label in flat})
+    labels = dataset_labels(directory, splits, spec.label_field)
+    multi_label = is_multi_label(splits, spec.label_field)
     return TextDataset(splits, spec.text_field, spec.label_field, labels, multi_label)
 
 

@@ -103,7 +103,11 @@ class StageProgress(_Record):
     dashboard: str | None = None
     """Where a sweep's Ray dashboard can be reached, when it runs one."""
     error: str | None = None
-    """The error line, on a `failed` report."""
+    """The error line, on a `failed` report: `Type: message`."""
+    invalid: bool | None = None
+    """On a `failed` report: true when the stage found its input invalid (an `InvalidSpec`: a
+    field of the spec or the data it names will not do), so retrying cannot help and the local
+    runner exits 2; absent otherwise."""
     rank: int | None = None
     """The rank that made a `failed` report (any rank may fail; rank 0 makes the others)."""
 

@@ -7,6 +7,11 @@ each sweep trial) and ``sweep`` (a sweep's bookkeeping, without Ray) are not sta
 one way: ``classifier`` uses ``cotrain``, ``sweep`` and ``fitting``; ``cotrain`` uses
 ``fitting``; ``tune`` uses ``sweep`` (and the classifier stage in each trial).
 
+The data is checked against the stage's config (`ulmfit_trainer.preflight`) on the rows the
+stage reads: `stage_runner` checks a local or built-in dataset before torch is even imported, so
+a label the data lacks fails a stage in seconds; an S3 dataset is checked once `Context.dataset`
+has downloaded it (still before any training), so it is not downloaded twice.
+
 ``Context`` holds the process group, the run's checkpoint store, a scratch directory, the dataset
 and the job's tokenizer.
 """
@@ -21,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ulmfit_trainer.config import StageConfig, StageName
-from ulmfit_trainer.errors import PermanentError
+from ulmfit_trainer.errors import InvalidSpec, PermanentError
+from ulmfit_trainer.preflight import check_stages, stage_problems
 from ulmfit_trainer.store import CheckpointStore, NoCheckpoint, open_checkpoints
 
 log = logging.getLogger(__name__)
@@ -37,7 +43,16 @@ MODULES = {
 
 
 def stage_runner(stage: StageName) -> Callable[[StageConfig], dict[str, float]]:
-    return importlib.import_module(MODULES[stage]).run
+    """``stage``'s ``run``, behind the preflight: the data is checked against the config
+    (`ulmfit_trainer.preflight`, raising `InvalidSpec`) before the stage's module, and torch
+    with it, is even imported."""
+
+    def run(config: StageConfig) -> dict[str, float]:
+        if not config.data.dataset.startswith("s3://"):
+            check_stages([config])
+        return importlib.import_module(MODULES[stage]).run(config)
+
+    return run
 
 
 @dataclass
@@ -70,7 +85,11 @@ class Context:
 
         if self._dataset is None:
             c = self.config
-            self._dataset = load_dataset(c.data, c.s3, c.seed, self.work)
+            dataset = load_dataset(c.data, c.s3, c.seed, self.work)
+            problems = stage_problems(c, dataset.splits, dataset.labels)
+            if problems:
+                raise InvalidSpec(problems)
+            self._dataset = dataset
         return self._dataset
 
     def tokenizer(self):
