@@ -14,8 +14,10 @@ no model) and raises `InvalidSpec` listing every problem, each naming the field 
   the dataset.
 
 The local runner calls it before the first stage it runs (``ulmfit run`` fails in seconds, exit
-2); the trainer calls it at the start of every stage (`ulmfit_trainer.stages.stage_runner`), so
-a job on a cluster fails the same way, as a failed progress record marked ``invalid``.
+2); the trainer checks at the start of every stage (`ulmfit_trainer.stages`: a local or built-in
+dataset before torch is imported, an S3 one on the rows the stage downloads anyway, with
+`stage_problems`), so a job on a cluster fails the same way, as a failed progress record marked
+``invalid``.
 
 The reading primitives live here too (`dataset_dir`, `read_splits`, `dataset_labels`, ...) so
 the trainer's `ulmfit_trainer.data` and this check see exactly the same rows and labels. Nothing
