@@ -19,6 +19,8 @@ import yaml
 from ulmfit_trainer.config import S3Settings
 from ulmfit_trainer.store import CheckpointStore, open_store
 
+from tests.harness.stand_in import stand_in_python
+
 ROOT = Path(__file__).resolve().parents[2]
 ULMFIT = [sys.executable, "-m", "ulmfit_operator.cli"]
 
@@ -202,11 +204,7 @@ def test_local_runner_walks_the_dag_and_summarizes_tune_and_pseudo_labels(
     from ulmfit_operator.api import parse_job
     from ulmfit_operator.local import LocalRunner
 
-    script = tmp_path / "stand_in.py"
-    script.write_text(STAND_IN)
-    python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
-    python.chmod(0o755)
+    python = stand_in_python(tmp_path, STAND_IN)
     log = tmp_path / "calls.jsonl"
     monkeypatch.setenv("STAND_IN_LOG", str(log))
     document = {

@@ -47,6 +47,7 @@ from tests.integration.test_operator_harness import (  # noqa: F401 - fixtures
     start_operator,
     trainer,
     wait_child,
+    wait_job_gone,
 )
 
 STAGES = ("finetune", "classifier", "evaluate")
@@ -122,15 +123,7 @@ class Recreator:
         assert final is not None
         uid = get_job(self.kube, self.namespace, name)["metadata"]["uid"]
         self.kube.delete(job_ref(self.namespace, name))
-
-        def gone() -> bool:
-            try:
-                get_job(self.kube, self.namespace, name)
-            except ApiException as error:
-                return error.status == 404
-            return False
-
-        wait_for(gone, 30, f"{name} to be deleted", interval=0.1)
+        wait_job_gone(self.kube, self.namespace, name, f"{name} to be deleted", interval=0.1)
         self.old[name] = (uid, final.uri)
         self.collect_garbage()
         create_job(self.kube, self.namespace, name, self.spec)

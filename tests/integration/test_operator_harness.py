@@ -364,6 +364,21 @@ def get_job(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
     return kube.get(job_ref(namespace, name))
 
 
+def wait_job_gone(
+    kube: Kube, namespace: str, name: str, what: str, timeout: float = 30, interval: float = 0.2
+) -> None:
+    """Until the API server answers 404 for the job (deleted, its finalizers done)."""
+
+    def gone() -> bool:
+        try:
+            get_job(kube, namespace, name)
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(gone, timeout, what, interval=interval)
+
+
 def patch_job_spec(kube: Kube, namespace: str, name: str, spec: Mapping[str, Any]) -> None:
     kube.merge_patch(job_ref(namespace, name), {"spec": dict(spec)})
 

@@ -49,6 +49,7 @@ from tests.integration.test_operator_harness import (  # noqa: F401 - fixtures
     trainer,
     wait_child,
     wait_job,
+    wait_job_gone,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -465,15 +466,7 @@ def test_operator_runs_a_recreated_job_afresh_in_its_own_store_path(
     )
 
     admin.delete(job_ref(ns, name))
-
-    def gone() -> bool:
-        try:
-            get_job(admin, ns, name)
-        except ApiException as error:
-            return error.status == 404
-        return False
-
-    wait_for(gone, 30, "the old job to be deleted")
+    wait_job_gone(admin, ns, name, "the old job to be deleted")
     collect_garbage(admin, ns, name, old_uid)
     new = create_job(admin, ns, name, spec)
     new_uid, new_run = new["metadata"]["uid"], run_path(new)
@@ -599,15 +592,7 @@ def test_operator_deletes_a_finished_job_after_its_ttl(
     )
     trainer.set_status(wait_child(admin, ns, f"{name}-finetune-a1"), "Failed")
     wait_job(admin, ns, name, lambda j: is_true(j, "Failed"), "Failed")
-
-    def gone() -> bool:
-        try:
-            get_job(admin, ns, name)
-        except ApiException as error:
-            return error.status == 404
-        return False
-
-    wait_for(gone, 30, "the job to be deleted after its TTL")
+    wait_job_gone(admin, ns, name, "the job to be deleted after its TTL")
     # The store keeps what the job made.
     assert trainer.checkpoints(ns, name, run_path(created)).read_progress("finetune") is None
 

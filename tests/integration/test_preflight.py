@@ -23,6 +23,7 @@ from ulmfit_operator.local import LocalRunner, StageFailed
 from ulmfit_trainer.records import parse_progress_line
 from ulmfit_trainer.store import CheckpointStore, open_store
 
+from tests.harness.stand_in import stand_in_python
 from tests.unit.test_preflight import config, cotrain, write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,11 +165,7 @@ sys.exit(1)
 def test_the_error_line_is_read_from_the_store_when_stdout_lacks_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    script = tmp_path / "stand_in.py"
-    script.write_text(STAND_IN)
-    python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\nexec {sys.executable} {script} "$@"\n')
-    python.chmod(0o755)
+    python = stand_in_python(tmp_path, STAND_IN)
     work = tmp_path / "work"
     store = CheckpointStore(open_store(work / "store"), "default/boom")
     old = {"stage": "finetune", "state": "failed", "error": "Old: stale", "updatedAt": "2000"}
