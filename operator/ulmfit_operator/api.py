@@ -59,6 +59,12 @@ class ResourcesSpec(WireModel):
     """Kubernetes image pull policy for trainer pods."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels trainer pods must match (e.g. a GPU node pool)."""
+    scratch: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "20Gi"
+    """Size limit of each pod's scratch space `/tmp` (home, caches, Ray's session files): an
+    emptyDir on the node's disk; a pod that writes more is evicted."""
+    shared_memory: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "2Gi"
+    """Size limit of each pod's `/dev/shm` (memory-backed, so it counts against `memory`):
+    torch's data loaders, NCCL and Ray's object store use it."""
 
     @model_validator(mode="after")
     def _processes_fit_gpus(self) -> ResourcesSpec:

@@ -22,6 +22,8 @@ LABEL_ROLE = "ulmfit.io/role"
 ROLE_RAY_HEAD = "ray-head"
 """On the pod that serves the Ray dashboard (the tune pod, or a RayJob's head): the Service
 selects it."""
+ROLE_RAY_SUBMITTER = "ray-submitter"
+"""On a RayJob's submitter pod (KubeRay runs `ray job submit` there)."""
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "ulmfit-operator"
 ANNOTATION_INIT_CHECKPOINT = "ulmfit.io/init-checkpoint"
@@ -39,6 +41,8 @@ RAYJOB_API_VERSION = "ray.io/v1"
 RAYJOB_KIND = "RayJob"
 RAYJOB_PLURAL = "rayjobs"
 RAYJOB_CRD = f"{RAYJOB_PLURAL}.ray.io"
+NETWORKPOLICY_API_VERSION = "networking.k8s.io/v1"
+NETWORKPOLICY_KIND = "NetworkPolicy"
 
 
 class ChildPhase(StrEnum):

@@ -8,7 +8,8 @@ reconnects); its event handlers only update the controller's in-memory view and 
 kopf timers would do the resync too, but kopf puts a finalizer on every object that has a timer
 (one more write per job, and deleting a job waits for a running operator); one tick over the
 in-memory view does the same with neither. kopf's own peering is off: one actor at a time is
-the Lease's job (`runtime.leader`).
+the Lease's job (`runtime.leader`). A leader that cannot renew its Lease (the API server away)
+stops acting but does not exit: it leads again once it holds the Lease again.
 """
 
 from __future__ import annotations
@@ -136,10 +137,12 @@ async def _main(settings: OperatorSettings) -> None:
             controller.requeue_all()
 
         def lost() -> None:
-            # Stop at once: anything this replica still did could race the new leader.
+            # The workers stopped already: `is_leader` turned False at the renew deadline, and
+            # a worker checks it before each write. The process stays (warm view, watches):
+            # the elector keeps trying, and takes the Lease back at once if nobody else did
+            # (the API server was away), else this replica stands by.
             metrics.leader.set(0)
-            logging.shutdown()
-            os._exit(1)
+            log.warning("stopped reconciling until this replica holds the lease again")
 
         elector = LeaderElector(
             kube,

@@ -4,7 +4,9 @@ A job names the S3 endpoint the operator then contacts with its own keys, and th
 that the operator's ServiceAccount then runs; whoever may create a ULMFiTJob chooses both. The
 operator's settings (`--allowed-s3-endpoints`, `--allowed-trainer-images`) bound them, and
 `reconcile` refuses a job outside the bounds (`InvalidSpec`, before any child is created and
-before the store is read). `JobPolicy` carries those bounds into the pure reconcile.
+before the store is read). `JobPolicy` carries those bounds into the pure reconcile, with
+`PodNetwork`: what the NetworkPolicy that fences each job's pods lets through
+(`--job-network-policy`, `--job-s3-cidrs`, `--ray-operator-pods`).
 
 S3 endpoints: `*` (any), or `host[:port]` / `http(s)://host[:port]` as in
 `spec.storage.s3.endpoint`. They are compared as scheme, host and port: the host without case,
@@ -23,6 +25,7 @@ Trainer image patterns, as the chart's ValidatingAdmissionPolicy matches them to
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -159,6 +162,56 @@ def image_matches(image: str, pattern: str) -> bool:
     return re.fullmatch(image_pattern_regex(pattern), image) is not None
 
 
+# -------------------------------------------------------------------------------- pod network
+
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_LABEL_PREFIX = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+
+
+def check_cidr(text: str) -> str:
+    """An IPv4 or IPv6 network (`10.0.0.0/8`, `::/0`), as given, once it is known to be one."""
+    text = text.strip()
+    try:
+        ipaddress.ip_network(text, strict=True)
+    except ValueError as error:
+        raise ValueError(f"{text!r} is not a CIDR network ({error})") from None
+    return text
+
+
+def parse_label_selector(text: str) -> tuple[tuple[str, str], ...]:
+    """`key=value[,key=value...]` (a label selector of equalities); empty: no pods."""
+    pairs: list[tuple[str, str]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        prefix, slash, name = key.rpartition("/")
+        if (
+            not sep
+            or not _LABEL_NAME.fullmatch(name)
+            or (slash and (len(prefix) > 253 or not _LABEL_PREFIX.fullmatch(prefix)))
+            or (value and not _LABEL_NAME.fullmatch(value))
+        ):
+            raise ValueError(f"{part!r} is not key=value with a label key and value")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class PodNetwork:
+    """What the NetworkPolicy of each job lets its pods do, besides talking to each other.
+
+    Egress: DNS (port 53) anywhere, and the job's S3 endpoint port at `s3_cidrs`. Ingress: the
+    Ray dashboard port from the pods (in any namespace) labelled `ray_operator_labels`, which a
+    KubeRay RayJob needs (the KubeRay operator asks the head's dashboard how the sweep goes; the
+    backend `pod` binds its dashboard to the pod's loopback)."""
+
+    s3_cidrs: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+    ray_operator_labels: tuple[tuple[str, str], ...] = ()
+
+
 # ----------------------------------------------------------------------------------- the policy
 
 
@@ -168,15 +221,23 @@ class JobPolicy:
 
     s3_endpoints: tuple[S3Endpoint, ...] | None = None
     trainer_images: tuple[str, ...] | None = None
+    pod_network: PodNetwork | None = None
+    """The NetworkPolicy each job gets; None: none (the pods are not fenced)."""
 
     @classmethod
-    def allowing(cls, s3_endpoints: Iterable[str], trainer_images: Iterable[str]) -> JobPolicy:
+    def allowing(
+        cls,
+        s3_endpoints: Iterable[str],
+        trainer_images: Iterable[str],
+        pod_network: PodNetwork | None = None,
+    ) -> JobPolicy:
         """From the settings' lists (`*` in a list: anything)."""
         endpoints = tuple(entry.strip() for entry in s3_endpoints)
         images = tuple(check_image_pattern(p) for p in trainer_images)
         return cls(
             s3_endpoints=None if ANY in endpoints else tuple(map(S3Endpoint.parse, endpoints)),
             trainer_images=None if ANY in images else images,
+            pod_network=pod_network,
         )
 
     def s3_allowed(self, s3: S3Settings) -> bool:
@@ -236,11 +297,14 @@ __all__ = [
     "ANY",
     "UNBOUNDED",
     "JobPolicy",
+    "PodNetwork",
     "S3Endpoint",
+    "check_cidr",
     "check_endpoint_entry",
     "check_image_pattern",
     "describe_image_pattern",
     "image_matches",
     "image_pattern_kind",
     "image_pattern_regex",
+    "parse_label_selector",
 ]

@@ -25,8 +25,9 @@ The fixed order, as in Kubeflow's controllers:
 7. backoff limit (failed attempts of each ready stage, counted per stage);
 8. progress watchdog, per ready stage (a running attempt whose progress is stale is stopped:
    a failed attempt);
-9. exactly one child per ready stage: create its next attempt when none is active (a tune
-   stage also gets its dashboard Service);
+9. exactly one child per ready stage: create its next attempt when none is active (with the
+   job's NetworkPolicy ahead of it, when the operator fences pods; a tune stage also gets its
+   dashboard Service);
 10. status and events, from the difference between the old status and the new one.
 
 Everything derives from the cluster and the store; the status only remembers what is expensive
@@ -63,7 +64,7 @@ from ulmfit_operator.decisions import (
 )
 from ulmfit_operator.observations import FinalCheckpoint, NeedStore, Observation, final_checkpoint
 from ulmfit_operator.plan import TUNE_KEY, PlannedStage, make_plan
-from ulmfit_operator.policy import UNBOUNDED, JobPolicy
+from ulmfit_operator.policy import UNBOUNDED, JobPolicy, PodNetwork, S3Endpoint
 from ulmfit_operator.stages import (
     StageInfo,
     StageRun,
@@ -95,6 +96,7 @@ from ulmfit_operator.workloads import (
     Owner,
     child_workload,
     dashboard_service,
+    network_policy,
     stage_config_map,
     tune_backend,
 )
@@ -137,7 +139,7 @@ def reconcile(
     if problems:
         return seen.invalid(InvalidSpec(problems))
     # 4. to 10.
-    return _Context(seen, spec, s3, observation, rayjob_available).run()
+    return _Context(seen, spec, s3, observation, rayjob_available, policy.pod_network).run()
 
 
 def _validated(raw_spec: Mapping[str, Any]) -> tuple[ULMFiTJobSpec, S3Settings]:
@@ -271,6 +273,7 @@ class _Context:
         s3: S3Settings,
         observation: Observation,
         rayjob_available: bool,
+        network: PodNetwork | None,
     ):
         self.job = job
         self.spec = spec
@@ -278,6 +281,8 @@ class _Context:
         self.s3 = s3
         self.observation = observation
         self.rayjob_available = rayjob_available
+        self.network = network
+        """The NetworkPolicy each attempt makes sure of (None: the operator fences no pods)."""
         self.plan = make_plan(
             ULMFiTJob.model_validate(
                 {
@@ -524,6 +529,12 @@ class _Context:
         body = child_workload(Attempt(self.job.owner, stage, self.spec, run.attempt, init), backend)
         run.child = body["metadata"]["name"]
         config_map = stage_config_map(self.job.owner, run.child, stage, run.attempt)
+        if self.network is not None:
+            # Before the first pod; made again (or found) at each attempt, so a policy someone
+            # deleted comes back.
+            port = S3Endpoint.of(self.s3).port or 0
+            fence = network_policy(self.job.owner, port, self.network)
+            self.job.actions.append(CreateObject(fence))
         self.job.actions.extend([CreateObject(config_map), CreateObject(body)])
         note = f", starting from {init}" if init else ""
         if run.failed:
@@ -547,10 +558,9 @@ class _Context:
         self.status.tune = tune.model_copy(
             update={"best_params": self.status.tune.best_params if self.status.tune else None}
         )
-        return (
-            f"; Ray dashboard at {tune.dashboard}; to open it at "
-            f"http://localhost:{DASHBOARD_PORT}, run: {tune.port_forward}"
-        )
+        local = f"http://localhost:{DASHBOARD_PORT}"
+        where = "" if tune.dashboard == local else f" at {tune.dashboard}"
+        return f"; Ray dashboard{where}; to open it at {local}, run: {tune.port_forward}"
 
     # -- 10. status and events
 

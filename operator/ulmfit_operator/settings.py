@@ -10,11 +10,12 @@ named as the field in camelCase (`metricsPort`), except `namespace` (from `watch
 manifests pass the chart's default flags. tests/unit/test_settings.py and
 tests/integration/test_deploy_chart.py keep model, flags, chart and manifests in step.
 
-A list setting (`allowed_s3_endpoints`, `allowed_trainer_images`) is one flag whose value is the
-list's entries joined by commas (`--allowed-s3-endpoints=http://minio:9000,s3.example.com`), as
-is its environment variable; like every flag, the last one given wins (tests append their own to
-the chart's), and an empty value is an empty list. The chart joins its list value into that flag
-(`allowedS3Endpoints`, empty by default, falls back to `s3.endpoint`, then to `*`).
+A list setting (`allowed_s3_endpoints`, `allowed_trainer_images`, `job_s3_cidrs`) is one flag
+whose value is the list's entries joined by commas
+(`--allowed-s3-endpoints=http://minio:9000,s3.example.com`), as is its environment variable;
+like every flag, the last one given wins (tests append their own to the chart's), and an empty
+value is an empty list. The chart joins its list value into that flag (`allowedS3Endpoints`,
+empty by default, falls back to `s3.endpoint`, then to `*`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ulmfit_operator.api import DEFAULT_TRAINER_IMAGE
-from ulmfit_operator.policy import ANY, JobPolicy, check_endpoint_entry, check_image_pattern
+from ulmfit_operator.policy import (
+    ANY,
+    JobPolicy,
+    PodNetwork,
+    check_cidr,
+    check_endpoint_entry,
+    check_image_pattern,
+    parse_label_selector,
+)
 
 ENV_PREFIX = "ULMFIT_"
 LIST_SEPARATOR = ","
@@ -91,7 +100,8 @@ class OperatorSettings(BaseModel):
         default=15.0,
         ge=1,
         description="Seconds a Lease not renewed stays its holder's. The leader renews every "
-        "1/7.5 of it and stops (exits) when it could not renew for 2/3 of it.",
+        "1/7.5 of it and stops reconciling when it could not renew for 2/3 of it (until it "
+        "holds the Lease again).",
     )
     identity: str | None = Field(
         default=None,
@@ -120,6 +130,24 @@ class OperatorSettings(BaseModel):
         "PREFIX; '*' alone: any), or an exact image with a tag or digest. A job with another "
         "image fails InvalidSpec before any child is created.",
     )
+    job_network_policy: Literal["isolate", "none"] = Field(
+        default="isolate",
+        description="isolate: each job gets a NetworkPolicy; its pods take traffic only from "
+        "each other (and the Ray dashboard port from --ray-operator-pods) and send it only to "
+        "each other, to DNS (port 53) and to the job's S3 endpoint port at --job-s3-cidrs. "
+        "none: no policy (a cluster without a NetworkPolicy enforcer ignores it either way).",
+    )
+    job_s3_cidrs: tuple[str, ...] = Field(
+        default=("0.0.0.0/0", "::/0"),
+        description="Networks where a job's pods may reach the port of its S3 endpoint, "
+        "comma-separated CIDRs: narrow them to the store's addresses.",
+    )
+    ray_operator_pods: str = Field(
+        default="app.kubernetes.io/name=kuberay-operator",
+        description="Labels (key=value, comma-separated) of the KubeRay operator's pods, in any "
+        "namespace: they may reach a RayJob head's dashboard port (8265) to follow the sweep. "
+        "Empty: no pod outside the job may.",
+    )
 
     @field_validator("namespace", "lease_namespace", "identity", mode="before")
     @classmethod
@@ -131,7 +159,9 @@ class OperatorSettings(BaseModel):
     def _level_in_capitals(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("allowed_s3_endpoints", "allowed_trainer_images", mode="before")
+    @field_validator(
+        "allowed_s3_endpoints", "allowed_trainer_images", "job_s3_cidrs", mode="before"
+    )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -148,9 +178,28 @@ class OperatorSettings(BaseModel):
     def _image_patterns_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(check_image_pattern(pattern) for pattern in value)
 
+    @field_validator("job_s3_cidrs")
+    @classmethod
+    def _cidrs_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_cidr(entry) for entry in value)
+
+    @field_validator("ray_operator_pods")
+    @classmethod
+    def _labels_parse(cls, value: str) -> str:
+        parse_label_selector(value)
+        return value.strip()
+
     def job_policy(self) -> JobPolicy:
         """What these settings let a job make the operator reach (what reconcile enforces)."""
-        return JobPolicy.allowing(self.allowed_s3_endpoints, self.allowed_trainer_images)
+        network = None
+        if self.job_network_policy == "isolate":
+            network = PodNetwork(
+                s3_cidrs=self.job_s3_cidrs,
+                ray_operator_labels=parse_label_selector(self.ray_operator_pods),
+            )
+        return JobPolicy.allowing(
+            self.allowed_s3_endpoints, self.allowed_trainer_images, pod_network=network
+        )
 
     @property
     def renew_deadline(self) -> float:

@@ -27,7 +27,12 @@ from ulmfit_operator.status import (
     format_time,
     parse_time,
 )
-from ulmfit_operator.workloads import Owner, dashboard_address, dashboard_service_name
+from ulmfit_operator.workloads import (
+    DASHBOARD_PORT,
+    Owner,
+    dashboard_address,
+    dashboard_service_name,
+)
 
 
 @dataclass
@@ -214,12 +219,14 @@ def done_entry(
 
 
 def tune_status(owner: Owner, backend: TuneBackend) -> TuneStatus:
-    """Where to watch a tune stage's sweep (its dashboard Service)."""
+    """Where to watch a tune stage's sweep (its dashboard Service). The backend `pod` serves the
+    dashboard on its loopback only, so a port-forward is the one way in."""
     dashboard, port_forward = dashboard_address(owner.name, owner.namespace)
+    rayjob = backend == TuneBackend.RAYJOB
     return TuneStatus(
-        backend="rayjob" if backend == TuneBackend.RAYJOB else "pod",
+        backend="rayjob" if rayjob else "pod",
         service=dashboard_service_name(owner.name),
-        dashboard=dashboard,
+        dashboard=dashboard if rayjob else f"http://localhost:{DASHBOARD_PORT}",
         port_forward=port_forward,
     )
 

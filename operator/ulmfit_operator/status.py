@@ -25,13 +25,16 @@ class ConditionType(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    STORE_REACHABLE = "StoreReachable"
+    """Whether the operator could read the job's store (set by the runtime, only once a read
+    failed: False while it cannot, True again once it can)."""
 
 
 class Condition(WireModel):
     """One aspect of the job's state, as the Kubernetes API conventions describe conditions."""
 
     type: ConditionType
-    """`Running`, `Succeeded`, `Failed` or `Suspended`."""
+    """`Running`, `Succeeded`, `Failed`, `Suspended` or `StoreReachable`."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds."""
     reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z][A-Za-z0-9]*$")]
@@ -108,7 +111,8 @@ class TuneStatus(WireModel):
     service: str
     """The ClusterIP Service in front of the Ray dashboard (port 8265)."""
     dashboard: str
-    """The Ray dashboard's address inside the cluster."""
+    """The Ray dashboard's address: inside the cluster (`rayjob`), or `http://localhost:8265`
+    once the port-forward runs (`pod`: its dashboard listens on the pod's loopback only)."""
     port_forward: str
     """Run this to open the dashboard at http://localhost:8265."""
     best_params: dict[str, float] | None = None
@@ -124,7 +128,8 @@ class ULMFiTJobStatus(WireModel):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Summary conditions: `Running`, `Succeeded`, `Failed`, `Suspended`."""
+    """Summary conditions: `Running`, `Succeeded`, `Failed`, `Suspended`; `StoreReachable` once
+    the operator could not read the job's store (False while it cannot, True once it can)."""
     stages: list[StageStatus] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},

@@ -7,7 +7,12 @@ the single-process `evaluate`, and for `tune` either a Job whose one pod runs a 
 JSON) lives in an owned ConfigMap mounted at `/etc/ulmfit`. Names are deterministic,
 `<job>-<stage key>-a<attempt>`, so an operator that restarts finds what it created instead of
 creating it twice. The tune stage also gets a Service `<job>-tune-dashboard` in front of the Ray
-dashboard (port 8265), owned by the job.
+dashboard (port 8265), owned by the job. With the operator's `--job-network-policy isolate`, a
+NetworkPolicy `<job>-pods` fences the job's pods (see `network_policy`).
+
+Every pod runs as a non-root user with a read-only root filesystem; its writable places are two
+emptyDirs with size limits from the spec (`resources.scratch` for `/tmp`,
+`resources.sharedMemory` for `/dev/shm`).
 """
 
 from __future__ import annotations
@@ -40,14 +45,18 @@ from ulmfit_operator.children import (
     LABEL_ROLE,
     LABEL_STAGE,
     MANAGER,
+    NETWORKPOLICY_API_VERSION,
+    NETWORKPOLICY_KIND,
     PYTORCHJOB_API_VERSION,
     PYTORCHJOB_KIND,
     RAYJOB_API_VERSION,
     RAYJOB_KIND,
     ROLE_RAY_HEAD,
+    ROLE_RAY_SUBMITTER,
     SERVICE_KIND,
 )
 from ulmfit_operator.plan import TUNE_KEY, PlannedStage
+from ulmfit_operator.policy import PodNetwork
 
 # The Training Operator looks the container and its port up by these names.
 PYTORCH_CONTAINER = "pytorch"
@@ -131,6 +140,11 @@ def dashboard_address(job: str, namespace: str) -> tuple[str, str]:
         f"http://{service}.{namespace}.svc:{DASHBOARD_PORT}",
         f"kubectl port-forward -n {namespace} svc/{service} {DASHBOARD_PORT}:{DASHBOARD_PORT}",
     )
+
+
+def network_policy_name(job: str) -> str:
+    """`<job>-pods`: the NetworkPolicy around the job's pods."""
+    return _bounded(job, "-pods", MAX_SERVICE_NAME)
 
 
 def config_map_name(child: str) -> str:
@@ -266,6 +280,16 @@ def _security_context() -> k8s.V1SecurityContext:
     )
 
 
+def _pod_security_context() -> k8s.V1PodSecurityContext:
+    return k8s.V1PodSecurityContext(
+        run_as_non_root=True,
+        run_as_user=RUN_AS_USER,
+        run_as_group=RUN_AS_USER,
+        fs_group=RUN_AS_USER,
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One attempt of one stage: what its child workload is built from."""
@@ -337,13 +361,7 @@ class Attempt:
                 automount_service_account_token=False,
                 enable_service_links=False,
                 node_selector=dict(self.spec.resources.node_selector) or None,
-                security_context=k8s.V1PodSecurityContext(
-                    run_as_non_root=True,
-                    run_as_user=RUN_AS_USER,
-                    run_as_group=RUN_AS_USER,
-                    fs_group=RUN_AS_USER,
-                    seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-                ),
+                security_context=_pod_security_context(),
                 containers=[container],
                 volumes=[
                     k8s.V1Volume(
@@ -353,11 +371,19 @@ class Attempt:
                             items=[k8s.V1KeyToPath(key=CONFIG_FILE, path=CONFIG_FILE)],
                         ),
                     ),
-                    k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
+                    k8s.V1Volume(
+                        name="tmp",
+                        empty_dir=k8s.V1EmptyDirVolumeSource(
+                            size_limit=self.spec.resources.scratch
+                        ),
+                    ),
                     # torch's data loaders and NCCL need more shared memory than a container's
                     # 64 MiB.
                     k8s.V1Volume(
-                        name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory")
+                        name="dshm",
+                        empty_dir=k8s.V1EmptyDirVolumeSource(
+                            medium="Memory", size_limit=self.spec.resources.shared_memory
+                        ),
                     ),
                 ],
             ),
@@ -438,11 +464,15 @@ def _dashboard_port() -> list[k8s.V1ContainerPort]:
 
 
 def tune_job(attempt: Attempt) -> dict[str, Any]:
-    """Backend `pod`: a batch/v1 Job whose one pod starts a Ray head and runs the whole sweep."""
+    """Backend `pod`: a batch/v1 Job whose one pod starts a Ray head and runs the whole sweep.
+
+    Its dashboard listens on the pod's loopback only: the job-submission API behind it has no
+    authentication, and nothing but `kubectl port-forward` (which connects inside the pod) needs
+    it."""
     tune = attempt.stage.config.tune
     assert tune is not None  # a tune stage's config always carries its sweep
     env = [
-        k8s.V1EnvVar(name="ULMFIT_RAY_DASHBOARD_HOST", value="0.0.0.0"),
+        k8s.V1EnvVar(name="ULMFIT_RAY_DASHBOARD_HOST", value="127.0.0.1"),
         k8s.V1EnvVar(name="ULMFIT_RAY_DASHBOARD_PORT", value=str(DASHBOARD_PORT)),
     ]
     container = attempt.container(
@@ -461,7 +491,10 @@ def tune_rayjob(attempt: Attempt) -> dict[str, Any]:
     KubeRay starts Ray in each pod (from `rayStartParams`), submits the entrypoint to the head
     (with RAY_ADDRESS set, so the trainer joins that cluster) and, with
     `shutdownAfterJobFinishes`, deletes the cluster when the sweep ends. Every Ray pod mounts the
-    stage config; each gets `resources.cpu/memory/gpusPerWorker`.
+    stage config; each gets `resources.cpu/memory/gpusPerWorker`. The head's dashboard must listen
+    on the pod network (KubeRay submits and follows the sweep through it); the job's
+    NetworkPolicy admits only the job's own pods and the KubeRay operator to it. The submitter pod
+    is ours too (`submitter_template`): labelled as the job's, non-root like every other.
     """
     res = attempt.spec.resources
     head_ports = [
@@ -495,9 +528,43 @@ def tune_rayjob(attempt: Attempt) -> dict[str, Any]:
         "spec": {
             "entrypoint": " ".join(single_process_command(attempt.stage.kind.value)),
             "shutdownAfterJobFinishes": True,
+            "submitterPodTemplate": to_dict(submitter_template(attempt)),
             "rayClusterSpec": ray_cluster,
         },
     }
+
+
+def submitter_template(attempt: Attempt) -> k8s.V1PodTemplateSpec:
+    """The pod where KubeRay runs `ray job submit` (it fills in the container's command and the
+    dashboard address): the trainer image (it has the `ray` CLI), small, non-root."""
+    res = attempt.spec.resources
+    container = k8s.V1Container(
+        name="ray-job-submitter",
+        image=res.image,
+        image_pull_policy=res.image_pull_policy,
+        env=[k8s.V1EnvVar(name="HOME", value="/tmp")],
+        resources=k8s.V1ResourceRequirements(
+            requests={"cpu": "100m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "1Gi"}
+        ),
+        volume_mounts=[k8s.V1VolumeMount(name="tmp", mount_path="/tmp")],
+        security_context=_security_context(),
+    )
+    return k8s.V1PodTemplateSpec(
+        metadata=k8s.V1ObjectMeta(
+            labels=attempt.owner.labels(attempt.stage.name, attempt.number, ROLE_RAY_SUBMITTER)
+        ),
+        spec=k8s.V1PodSpec(
+            restart_policy="Never",
+            automount_service_account_token=False,
+            enable_service_links=False,
+            node_selector=dict(res.node_selector) or None,
+            security_context=_pod_security_context(),
+            containers=[container],
+            volumes=[
+                k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi"))
+            ],
+        ),
+    )
 
 
 def _whole_cpus(quantity: str) -> str:
@@ -529,6 +596,72 @@ def dashboard_service(owner: Owner) -> dict[str, Any]:
                     protocol="TCP",
                 )
             ],
+        ),
+    )
+    return to_dict(body)
+
+
+def network_policy(owner: Owner, s3_port: int, network: PodNetwork) -> dict[str, Any]:
+    """The NetworkPolicy around a job's pods (all of them: every stage, attempt and role).
+
+    Ingress: from the job's own pods (torchrun's rendezvous, Ray's head and workers, the RayJob
+    submitter), and the Ray dashboard port from the KubeRay operator's pods. Egress: to the job's
+    own pods, DNS (port 53, wherever the cluster's resolver is) and the S3 endpoint's port at
+    `network.s3_cidrs`. Nothing else: the pods hold the job's S3 keys.
+    """
+    own = [
+        k8s.V1NetworkPolicyPeer(
+            pod_selector=k8s.V1LabelSelector(match_labels={LABEL_JOB: owner.name})
+        )
+    ]
+    ingress = [k8s.V1NetworkPolicyIngressRule(_from=own)]
+    if network.ray_operator_labels:
+        ingress.append(
+            k8s.V1NetworkPolicyIngressRule(
+                _from=[
+                    k8s.V1NetworkPolicyPeer(
+                        namespace_selector=k8s.V1LabelSelector(),
+                        pod_selector=k8s.V1LabelSelector(
+                            match_labels=dict(network.ray_operator_labels)
+                        ),
+                    )
+                ],
+                ports=[k8s.V1NetworkPolicyPort(protocol="TCP", port=DASHBOARD_PORT)],
+            )
+        )
+    egress = [
+        k8s.V1NetworkPolicyEgressRule(to=own),
+        k8s.V1NetworkPolicyEgressRule(
+            ports=[
+                k8s.V1NetworkPolicyPort(protocol="UDP", port=53),
+                k8s.V1NetworkPolicyPort(protocol="TCP", port=53),
+            ]
+        ),
+    ]
+    if network.s3_cidrs:
+        egress.append(
+            k8s.V1NetworkPolicyEgressRule(
+                to=[
+                    k8s.V1NetworkPolicyPeer(ip_block=k8s.V1IPBlock(cidr=cidr))
+                    for cidr in network.s3_cidrs
+                ],
+                ports=[k8s.V1NetworkPolicyPort(protocol="TCP", port=s3_port)],
+            )
+        )
+    body = k8s.V1NetworkPolicy(
+        api_version=NETWORKPOLICY_API_VERSION,
+        kind=NETWORKPOLICY_KIND,
+        metadata=k8s.V1ObjectMeta(
+            name=network_policy_name(owner.name),
+            namespace=owner.namespace,
+            labels=owner.labels(),
+            owner_references=[k8s.V1OwnerReference.model_validate(owner.reference())],
+        ),
+        spec=k8s.V1NetworkPolicySpec(
+            pod_selector=k8s.V1LabelSelector(match_labels={LABEL_JOB: owner.name}),
+            policy_types=["Ingress", "Egress"],
+            ingress=ingress,
+            egress=egress,
         ),
     )
     return to_dict(body)

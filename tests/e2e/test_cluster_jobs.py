@@ -475,6 +475,18 @@ def test_tune_stage_runs_as_a_rayjob_and_its_best_params_reach_the_classifier(
         forward.terminate()
         forward.wait(10)
 
+    # KubeRay ran `ray job submit` in the operator's submitter pod: the job's labels (inside its
+    # NetworkPolicy), non-root.
+    def submitter() -> dict[str, Any] | None:
+        pods = cluster.get("pods", selector="ulmfit.io/job=sweep,ulmfit.io/role=ray-submitter")
+        return next(iter(pods["items"]), None)
+
+    submit_pod = wait_for(submitter, 120, "the RayJob submitter pod", interval=2)
+    assert submit_pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert submit_pod["spec"]["automountServiceAccountToken"] is False
+    fence = cluster.get("networkpolicy", "sweep-pods")
+    assert fence["spec"]["podSelector"]["matchLabels"] == {"ulmfit.io/job": "sweep"}
+
     finished = cluster.wait_finished("sweep")
     conditions = {c["type"]: c["status"] for c in finished["status"]["conditions"]}
     assert conditions.get("Succeeded") == "True", cluster.describe("sweep")

@@ -31,7 +31,10 @@ def require_modules(*names: str) -> None:
     missing = [name for name in names if not _importable(name)]
     if not missing:
         return
-    message = f"{', '.join(missing)} not installed: pip install -e '.[trainer,dev]'"
+    message = (
+        f"{', '.join(missing)} not installed: run `make env` "
+        "(pip install -e '.[operator,trainer,test]')"
+    )
     if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message, allow_module_level=True)

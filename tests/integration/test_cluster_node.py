@@ -127,3 +127,95 @@ def test_the_real_kubeflow_webhook_rejects_an_invalid_pytorchjob(
         )
     assert refused.value.status in {400, 403, 422}
     assert "validator.pytorchjob.training-operator.kubeflow.org" in str(refused.value.body)
+
+
+def test_a_loopback_server_answers_port_forward_and_no_other_pod(
+    node_cluster: Any, node_namespace: str, kubectl: Any
+):
+    """What the tune pod's Ray dashboard relies on: bound to the pod's loopback, it answers
+    `kubectl port-forward` of its Service (which connects inside the pod), and a connection from
+    another pod to the pod's address is refused."""
+    import os
+    import subprocess
+    import urllib.request
+
+    from kubernetes import client
+
+    from tests.harness.ports import free_port
+
+    serve = (
+        "import http.server, os; os.chdir('/tmp'); open('index.html', 'w').write('inside');"
+        "http.server.HTTPServer(('127.0.0.1', 8265), http.server.SimpleHTTPRequestHandler)"
+        ".serve_forever()"
+    )
+    labels = {"app": "loopback"}
+    server = client.V1Pod(
+        metadata=client.V1ObjectMeta(name="loopback", labels=labels),
+        spec=client.V1PodSpec(
+            restart_policy="Never",
+            automount_service_account_token=False,
+            containers=[
+                client.V1Container(
+                    name="main",
+                    image=node_cluster.images["trainer"],
+                    image_pull_policy="Never",
+                    command=["python", "-c", serve],
+                    ports=[client.V1ContainerPort(name="dashboard", container_port=8265)],
+                    volume_mounts=[client.V1VolumeMount(name="tmp", mount_path="/tmp")],
+                    security_context=client.V1SecurityContext(
+                        run_as_non_root=True, run_as_user=65532, read_only_root_filesystem=True
+                    ),
+                )
+            ],
+            volumes=[client.V1Volume(name="tmp", empty_dir=client.V1EmptyDirVolumeSource())],
+        ),
+    )
+    service = client.V1Service(
+        metadata=client.V1ObjectMeta(name="loopback"),
+        spec=client.V1ServiceSpec(
+            selector=labels,
+            ports=[client.V1ServicePort(name="dashboard", port=8265, target_port="dashboard")],
+        ),
+    )
+    with node_cluster.api_client() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespaced_pod(node_namespace, server)
+        core.create_namespaced_service(node_namespace, service)
+
+        def running() -> str | None:
+            pod = core.read_namespaced_pod("loopback", node_namespace)
+            return pod.status.pod_ip if pod.status.phase == "Running" else None
+
+        address = wait_for(running, 120, "the loopback server pod", interval=1)
+
+    probe = f"""
+import socket, time
+time.sleep(3)  # the server's start-up
+try:
+    socket.create_connection(({address!r}, 8265), timeout=5).close()
+    print("connected")
+except OSError as error:
+    print("refused" if isinstance(error, ConnectionRefusedError) else f"error {{error}}")
+"""
+    phase, log = run_pod(node_cluster, node_namespace, "prober", probe)
+    assert (phase, log.strip()) == ("Succeeded", "refused"), log
+
+    port = free_port()
+    forward = subprocess.Popen(
+        [str(kubectl.path), "port-forward", "-n", node_namespace, "svc/loopback",
+         f"{port}:8265", "--address", "127.0.0.1"],
+        env={**os.environ, **kubectl.env, "KUBECONFIG": str(node_cluster.kubeconfig)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+
+        def fetch() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+                return str(answer.read().decode())
+
+        assert wait_for(fetch, 60, "the loopback server through port-forward", interval=1) == (
+            "inside"
+        )
+    finally:
+        forward.terminate()
+        forward.wait(10)

@@ -66,6 +66,7 @@ def test_operator_rbac_grants_only_what_the_operator_uses() -> None:
         ("ray.io", "rayjobs"): {"create", "get", "list", "watch", "patch", "delete"},
         ("", "configmaps"): {"create"},
         ("", "services"): {"create"},
+        ("networking.k8s.io", "networkpolicies"): {"create"},
         ("", "events"): {"create"},
         ("coordination.k8s.io", "leases"): {"get", "create", "update"},
     }

@@ -166,7 +166,7 @@ def test_operator_tune_pod_with_dashboard_service_and_retries(
         "/etc/ulmfit/stage.json",
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["ULMFIT_RAY_DASHBOARD_HOST"] == "0.0.0.0"
+    assert env["ULMFIT_RAY_DASHBOARD_HOST"] == "127.0.0.1"
     assert env["ULMFIT_RAY_DASHBOARD_PORT"] == "8265"
     assert {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"} in container["ports"]
     assert container["securityContext"]["runAsNonRoot"] is True
@@ -189,9 +189,17 @@ def test_operator_tune_pod_with_dashboard_service_and_retries(
     assert job["status"]["tune"] == {
         "backend": "pod",
         "service": service_name,
-        "dashboard": f"http://{service_name}.{ns}.svc:8265",
+        "dashboard": "http://localhost:8265",
         "portForward": port_forward,
     }
+    # The NetworkPolicy around the job's pods, as the API server took it: it selects the tune pod
+    # and is owned by the job.
+    fence = admin.request(
+        "GET", f"/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies/{name}-pods"
+    )
+    assert all(labels.get(k) == v for k, v in fence["spec"]["podSelector"]["matchLabels"].items())
+    assert fence["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert fence["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
     started = wait_for(
         lambda: [
             e

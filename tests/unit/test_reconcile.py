@@ -381,7 +381,7 @@ def test_operator_matches_trainer_images_against_the_patterns(
     failed = condition(decision.status or {}, "Failed")
     assert (failed is None) == ok, failed
     if ok:
-        body = creates(decision)[1].body
+        [body] = [c.body for c in creates(decision) if c.body["kind"] == "PyTorchJob"]
         containers = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
         assert containers["containers"][0]["image"] == image
 
@@ -389,7 +389,30 @@ def test_operator_matches_trainer_images_against_the_patterns(
 def test_operator_default_policy_runs_the_default_trainer_image() -> None:
     decision = decide(job(), policy=OperatorSettings().job_policy())
     assert condition(decision.status or {}, "Failed") is None
-    assert len(creates(decision)) == 2
+    assert [c.body["kind"] for c in creates(decision)] == [
+        "NetworkPolicy",
+        "ConfigMap",
+        "PyTorchJob",
+    ]
+
+
+def test_operator_fences_the_pods_before_the_first_one() -> None:
+    settings = OperatorSettings(job_s3_cidrs="10.0.0.0/8", ray_operator_pods="app=kuberay,tier=ops")
+    body = job({"storage": {"s3": {**S3, "endpoint": "https://s3.internal"}}})
+    first = decide(body, policy=settings.job_policy())
+    [fence] = [c.body for c in creates(first) if c.body["kind"] == "NetworkPolicy"]
+    assert fence["metadata"]["name"] == f"{body['metadata']['name']}-pods"
+    # The S3 rule carries the job's endpoint port (https: 443) at the operator's networks.
+    [s3_rule] = [r for r in fence["spec"]["egress"] if any("ipBlock" in p for p in r.get("to", []))]
+    assert s3_rule == {
+        "to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    }
+    operator_peer = fence["spec"]["ingress"][1]["from"][0]["podSelector"]["matchLabels"]
+    assert operator_peer == {"app": "kuberay", "tier": "ops"}
+    # With --job-network-policy none, no policy.
+    unfenced = decide(body, policy=OperatorSettings(job_network_policy="none").job_policy())
+    assert "NetworkPolicy" not in [c.body["kind"] for c in creates(unfenced)]
 
 
 def test_operator_finished_job_keeps_its_outcome_under_a_narrower_policy() -> None:
@@ -882,16 +905,20 @@ def test_operator_tune_stage_gets_a_pod_and_a_dashboard_service() -> None:
     assert status["tune"] == {
         "backend": "pod",
         "service": "topics-tune-dashboard",
-        "dashboard": "http://topics-tune-dashboard.team.svc:8265",
+        # The pod's dashboard listens on its loopback: a port-forward is the way in.
+        "dashboard": "http://localhost:8265",
         "portForward": "kubectl port-forward -n team svc/topics-tune-dashboard 8265:8265",
     }
     [started] = [e for e in decision.events if e.reason == "StageStarted"]
     assert "kubectl port-forward -n team svc/topics-tune-dashboard 8265:8265" in started.message
-    assert "http://topics-tune-dashboard.team.svc:8265" in started.message
-    # With KubeRay installed, `auto` makes a RayJob; an explicit `pod` does not.
-    assert child_kinds(
-        Store(finals={"finetune": final("finetune")}).decide(body, rayjob_available=True)
-    ) == {"topics-tune-a1": "RayJob", "topics-tune-dashboard": "Service"}
+    assert "svc:8265" not in started.message
+    # With KubeRay installed, `auto` makes a RayJob (whose head serves the cluster); an explicit
+    # `pod` does not.
+    rayjob = Store(finals={"finetune": final("finetune")}).decide(body, rayjob_available=True)
+    assert child_kinds(rayjob) == {"topics-tune-a1": "RayJob", "topics-tune-dashboard": "Service"}
+    assert (rayjob.status or {})["tune"]["dashboard"] == (
+        "http://topics-tune-dashboard.team.svc:8265"
+    )
     pod = job({"stages": {"tune": {**TUNE, "backend": "pod"}}})
     assert (
         "Job"

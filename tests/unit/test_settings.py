@@ -68,6 +68,9 @@ OTHER = {
     "log_level": "debug",
     "allowed_s3_endpoints": "https://s3.example.com,minio.minio.svc:9000",
     "allowed_trainer_images": "registry.example.com/ml/trainer,registry.example.com/ml/tools/*",
+    "job_network_policy": "none",
+    "job_s3_cidrs": "10.1.0.0/16,fd00::/8",
+    "ray_operator_pods": "app=ray-ops",
 }
 
 
@@ -300,11 +303,12 @@ def test_the_deployment_template_renders_each_value_to_its_flag() -> None:
     assert "- --namespace={{ $watch }}" in template
     # A list value: its entries joined by commas into the one flag (s3 endpoints: a helper that
     # falls back to s3.endpoint, then `*`).
-    assert LIST_FIELDS == ["allowed_s3_endpoints", "allowed_trainer_images"]
+    assert LIST_FIELDS == ["allowed_s3_endpoints", "allowed_trainer_images", "job_s3_cidrs"]
     assert (
         '- {{ printf "--allowed-trainer-images=%s" (join "," .Values.allowedTrainerImages) '
         "| quote }}" in template
     )
+    assert '- {{ printf "--job-s3-cidrs=%s" (join "," .Values.jobS3Cidrs) | quote }}' in template
     assert (
         '- {{ printf "--allowed-s3-endpoints=%s" (include "ulmfit-operator.allowedS3Endpoints" '
         ".) | quote }}" in template

@@ -9,6 +9,7 @@ import pytest
 from ulmfit_operator.api import Metadata, ULMFiTJob, parse_spec
 from ulmfit_operator.children import ANNOTATION_STOPPED, ChildPhase, observe_child, stop_patch
 from ulmfit_operator.plan import make_plan
+from ulmfit_operator.policy import PodNetwork
 from ulmfit_operator.workloads import (
     MAX_CHILD_NAME,
     Attempt,
@@ -18,6 +19,7 @@ from ulmfit_operator.workloads import (
     dashboard_service,
     dashboard_service_name,
     evaluate_job,
+    network_policy,
     pytorch_job,
     stage_config_map,
     tune_gpus,
@@ -248,7 +250,7 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
 
-def test_operator_tune_pod_runs_the_sweep_with_the_dashboard_open() -> None:
+def test_operator_tune_pod_runs_the_sweep_with_the_dashboard_on_its_loopback() -> None:
     spec, plan = tuned(gpusPerTrial=0.5, concurrentTrials=3)
     stage = plan.stage("tune")
     body = tune_job(Attempt(OWNER, stage, spec, 1))
@@ -265,7 +267,9 @@ def test_operator_tune_pod_runs_the_sweep_with_the_dashboard_open() -> None:
         "/etc/ulmfit/stage.json",
     ]
     env = {e["name"]: e.get("value") for e in main["env"]}
-    assert env["ULMFIT_RAY_DASHBOARD_HOST"] == "0.0.0.0"
+    # The job-submission API has no authentication: only a port-forward (inside the pod) reaches
+    # it.
+    assert env["ULMFIT_RAY_DASHBOARD_HOST"] == "127.0.0.1"
     assert env["ULMFIT_RAY_DASHBOARD_PORT"] == "8265"
     assert main["ports"] == [{"name": "dashboard", "containerPort": 8265}]
     assert main["resources"]["limits"]["nvidia.com/gpu"] == "2"  # ceil(0.5 x 3)
@@ -318,6 +322,18 @@ def test_operator_tune_rayjob_has_a_head_workers_and_the_entrypoint() -> None:
     service = dashboard_service(OWNER)
     assert selects(service["spec"]["selector"], head["template"]["metadata"]["labels"])
     assert not selects(service["spec"]["selector"], workers["template"]["metadata"]["labels"])
+    # KubeRay's submitter pod is ours: the job's labels, non-root, no API token, small.
+    submitter = ray["submitterPodTemplate"]
+    assert submitter["metadata"]["labels"]["ulmfit.io/job"] == OWNER.name
+    assert submitter["metadata"]["labels"]["ulmfit.io/role"] == "ray-submitter"
+    pod = submitter["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    submit = container(submitter)
+    assert "command" not in submit  # KubeRay writes the `ray job submit` command
+    assert submit["image"] == head_container["image"]
+    assert submit["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     # A single-worker job: the head alone runs the trials.
     one = {**SPEC, "resources": {**SPEC["resources"], "workers": 1}}
     spec, plan = planned({**one, "stages": {"tune": TUNE}})
@@ -402,3 +418,105 @@ def test_operator_every_child_runs_only_the_jobs_trainer_image() -> None:
     # The other objects a stage creates run nothing.
     assert images_in(dashboard_service(OWNER)) == []
     assert images_in(stage_config_map(OWNER, "topics-tune-a1", plan.stage("tune"), 1)) == []
+
+
+def test_operator_every_emptydir_has_a_size_limit_from_the_spec() -> None:
+    spec, plan = planned({**SPEC, "resources": {**SPEC["resources"], "scratch": "5Gi",
+                                                "sharedMemory": "512Mi"}})  # fmt: skip
+    attempt = Attempt(OWNER, plan.stage("classifier"), spec, 1)
+    master = pytorch_job(attempt)["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    volumes = {v["name"]: v for v in master["spec"]["volumes"]}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "5Gi"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "512Mi"}
+    # The defaults, on every kind of child.
+    spec, plan = tuned(backend="rayjob")
+    bodies = [
+        tune_rayjob(Attempt(OWNER, plan.stage("tune"), spec, 1)),
+        tune_job(Attempt(OWNER, plan.stage("tune"), spec, 1)),
+        evaluate_job(Attempt(OWNER, plan.stage("evaluate"), spec, 1)),
+        pytorch_job(Attempt(OWNER, plan.stage("classifier"), spec, 1)),
+    ]
+    empty_dirs = [volume["emptyDir"] for volume in _all_volumes(bodies) if "emptyDir" in volume]
+    assert len(empty_dirs) >= 8
+    assert all(d.get("sizeLimit") for d in empty_dirs), empty_dirs
+    assert {"medium": "Memory", "sizeLimit": "2Gi"} in empty_dirs
+    assert {"sizeLimit": "20Gi"} in empty_dirs
+
+
+def _all_volumes(tree: Any) -> list[dict[str, Any]]:
+    """Every item of every `volumes` list anywhere in these objects."""
+    found: list[dict[str, Any]] = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "volumes" and isinstance(value, list):
+                found.extend(value)
+            else:
+                found.extend(_all_volumes(value))
+    elif isinstance(tree, list):
+        for item in tree:
+            found.extend(_all_volumes(item))
+    return found
+
+
+def _pod_templates(tree: Any) -> list[dict[str, Any]]:
+    """Every pod template (an object with metadata and a spec holding containers) in these."""
+    found: list[dict[str, Any]] = []
+    if isinstance(tree, dict):
+        if "containers" in (tree.get("spec") or {}) and "metadata" in tree:
+            found.append(tree)
+        for value in tree.values():
+            found.extend(_pod_templates(value))
+    elif isinstance(tree, list):
+        for item in tree:
+            found.extend(_pod_templates(item))
+    return found
+
+
+def test_operator_network_policy_fences_every_pod_of_the_job_and_only_them() -> None:
+    network = PodNetwork(
+        s3_cidrs=("10.20.0.0/16",),
+        ray_operator_labels=(("app.kubernetes.io/name", "kuberay-operator"),),
+    )
+    policy = network_policy(OWNER, 9000, network)
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    assert policy["metadata"]["name"] == "topics-pods"
+    assert policy["metadata"]["ownerReferences"] == [OWNER.reference()]
+    fence = policy["spec"]
+    assert fence["policyTypes"] == ["Ingress", "Egress"]
+    selector = fence["podSelector"]["matchLabels"]
+    # Every pod of every child kind (PyTorchJob replicas, Ray head, workers and the submitter,
+    # the tune pod, evaluate) is inside the fence; another job's are not.
+    spec, plan = tuned(backend="rayjob")
+    bodies = [
+        tune_rayjob(Attempt(OWNER, plan.stage("tune"), spec, 1)),
+        tune_job(Attempt(OWNER, plan.stage("tune"), spec, 2)),
+        evaluate_job(Attempt(OWNER, plan.stage("evaluate"), spec, 1)),
+        pytorch_job(Attempt(OWNER, plan.stage("classifier"), spec, 1)),
+    ]
+    templates = _pod_templates(bodies)
+    assert len(templates) >= 6
+    assert all(selects(selector, t["metadata"]["labels"]) for t in templates)
+    other = pytorch_job(Attempt(Owner("other", "ml", "u2"), plan.stage("classifier"), spec, 1))
+    assert not any(selects(selector, t["metadata"]["labels"]) for t in _pod_templates(other))
+    # Ingress: the job's own pods; the dashboard port from the KubeRay operator's pods.
+    own, dashboard = fence["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": selector}}]}
+    assert dashboard == {
+        "from": [
+            {
+                "namespaceSelector": {},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+            }
+        ],
+        "ports": [{"port": 8265, "protocol": "TCP"}],
+    }
+    # Egress: own pods, DNS, the S3 port at the allowed networks. No rule without ports or
+    # peers (which would open everything).
+    to_own, dns, s3 = fence["egress"]
+    assert to_own == {"to": [{"podSelector": {"matchLabels": selector}}]}
+    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert s3 == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+                  "ports": [{"port": 9000, "protocol": "TCP"}]}  # fmt: skip
+    # Without KubeRay labels nothing outside the job gets in.
+    closed = network_policy(OWNER, 9000, PodNetwork(ray_operator_labels=()))
+    assert len(closed["spec"]["ingress"]) == 1

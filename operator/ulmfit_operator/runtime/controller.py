@@ -6,13 +6,22 @@ its decision: create/stop/delete children, one status patch (with the resourceVe
 stale view cannot overwrite a newer status), then events. A resync tick re-queues every
 unfinished job so store-side progress is seen without any Kubernetes event. Reconcile gets the
 settings' `JobPolicy`, so a job naming an S3 endpoint or trainer image they do not allow fails
-before the store is read or a child is created. Only the leader (`is_leader`) reconciles; a
+before the store is read or a child is created. Only the leader (`is_leader`) reconciles, and a
+worker checks again before each write (a leader that could not renew stops writing at once); a
 standby keeps its view warm.
+
+When the store cannot be read, reconcile cannot decide, so nothing is done to the job's children
+(they keep running) and the job is retried with backoff; the job's status says so, once per
+outage: the `StoreReachable` condition turns False (reason `StoreUnavailable`, or
+`StoreAccessDenied` / `StoreError` for a store that answers but refuses) with a Warning event,
+and the first reconcile that reads the store again turns it True (`StoreReadable`) with a Normal
+event. A job that never saw an outage has no such condition.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -21,6 +30,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from ulmfit_trainer.config import S3Settings
+from ulmfit_trainer.store.errors import StoreAuthError, StoreError, StoreUnavailable
 
 from ulmfit_operator.children import (
     JOB_API_VERSION,
@@ -49,6 +60,14 @@ from ulmfit_operator.runtime.kube import Kube, job_ref, merge_patch_for
 from ulmfit_operator.runtime.queue import WorkQueue
 from ulmfit_operator.runtime.stores import StoreReader
 from ulmfit_operator.settings import OperatorSettings
+from ulmfit_operator.status import (
+    Condition,
+    ConditionType,
+    find_condition,
+    format_time,
+    read_status,
+    set_condition,
+)
 
 log = logging.getLogger("ulmfit_operator")
 
@@ -57,6 +76,43 @@ FINISHED = frozenset({"Succeeded", "Failed"})
 
 class Conflict(Exception):
     """The job changed since it was read; read it again and decide again."""
+
+
+class NotLeading(Exception):
+    """This replica stopped leading in the middle of a reconcile: it writes nothing more (the
+    leader, this replica again once it has the lease back, reconciles the job afresh)."""
+
+
+STORE_READABLE = "StoreReadable"
+"""The reason of `StoreReachable=True`: a read succeeded after the store could not be read."""
+
+
+class StoreUnreadable(Exception):
+    """A store fact reconcile asked for could not be read: nothing can be decided for the job
+    until it can (its children are left as they are); its status says why."""
+
+    def __init__(self, s3: S3Settings, error: Exception):
+        super().__init__(str(error))
+        self.s3 = s3
+        self.error = error
+
+    @property
+    def reason(self) -> str:
+        """`StoreUnavailable` (not reached: connection errors, timeouts, 5xx), `StoreAccessDenied`
+        (the operator's credentials refused) or `StoreError` (any other refusal)."""
+        if isinstance(self.error, StoreUnavailable | OSError):
+            return "StoreUnavailable"
+        if isinstance(self.error, StoreAuthError):
+            return "StoreAccessDenied"
+        return "StoreError"
+
+    @property
+    def message(self) -> str:
+        return (
+            f"cannot read the job's store (S3 endpoint {self.s3.endpoint}, bucket "
+            f"{self.s3.bucket!r}): {self.error}. Running stages are left running and nothing is "
+            "deleted; the operator retries and goes on once the store can be read"
+        )
 
 
 class Controller:
@@ -204,6 +260,22 @@ class Controller:
             self.metrics.reconciles.labels("conflict").inc()
             self._refresh(key)
             self.queue.add(key)
+        except NotLeading:
+            log.info("stopped reconciling %s/%s: not leading", *key)
+        except StoreUnreadable as error:
+            self.metrics.reconciles.labels("error").inc()
+            # Labelled by what the store raised, as any other failed reconcile is.
+            self.metrics.reconcile_errors.labels(type(error.error).__name__).inc()
+            delay = self.queue.add_rate_limited(key)
+            log.warning(
+                "reconcile of %s/%s waits for its store (retry in %.1fs): %s",
+                key[0],
+                key[1],
+                delay,
+                error,
+                extra={"job": f"{key[0]}/{key[1]}"},
+            )
+            self._report_unreadable(key, job, error)
         except Exception as error:
             self.metrics.reconciles.labels("error").inc()
             self.metrics.reconcile_errors.labels(type(error).__name__).inc()
@@ -230,6 +302,7 @@ class Controller:
         children = self.view.children((meta["namespace"], meta["name"]))
         observation = Observation()
         now = datetime.now(UTC)
+        read: S3Settings | None = None
         # Each answer adds one fact, and there are at most two per stage (checkpoint, progress);
         # a plan has at most 10 rounds x 16 co-trained models plus 6 other stages.
         for _ in range(2 * 170):
@@ -242,18 +315,61 @@ class Controller:
                 policy=self.policy,
             )
             if not isinstance(decision, NeedStore):
-                return decision
+                return decision if read is None else _store_readable(job, decision, read, now)
             observation = self._read(decision, observation)
+            read = decision.s3
         raise RuntimeError("reconcile kept asking for store facts")
 
     def _read(self, need: NeedStore, observation: Observation) -> Observation:
         assert need.s3 is not None
-        if need.what == "checkpoint":
-            return observation.with_checkpoint(
-                need.stage, self.stores.final(need.s3, need.run, need.stage)
+        try:
+            if need.what == "checkpoint":
+                return observation.with_checkpoint(
+                    need.stage, self.stores.final(need.s3, need.run, need.stage)
+                )
+            return observation.with_progress(
+                need.stage, self.stores.progress(need.s3, need.run, need.stage)
             )
-        return observation.with_progress(
-            need.stage, self.stores.progress(need.s3, need.run, need.stage)
+        except (StoreError, OSError) as error:  # a missing object is an answer, not an error
+            raise StoreUnreadable(need.s3, error) from error
+
+    def _report_unreadable(self, key: Key, job: dict[str, Any], error: StoreUnreadable) -> None:
+        """`StoreReachable=False` on the job's status and a Warning event, once per outage (and
+        again only when the reason changes); best effort: the API server may be down too."""
+        meta = job["metadata"]
+        status = read_status(job.get("status"))
+        previous = find_condition(status.conditions, ConditionType.STORE_REACHABLE)
+        if previous is not None and previous.status == "False" and previous.reason == error.reason:
+            return
+        condition = Condition(
+            type=ConditionType.STORE_REACHABLE,
+            status="False",
+            reason=error.reason,
+            message=error.message,
+            last_transition_time=format_time(datetime.now(UTC)),
+            observed_generation=meta.get("generation"),
+        )
+        conditions = set_condition(status.conditions, condition)
+        patch = {
+            "metadata": {"resourceVersion": meta.get("resourceVersion")},
+            "status": {"conditions": [c.to_wire() for c in conditions]},
+        }
+        try:
+            if not self.is_leader():
+                return
+            updated = self.kube.merge_patch(job_ref(*key), patch, sub="status")
+        except Exception as failure:  # a 409 or the API server down: the next retry says it
+            log.warning("could not report the store outage on %s/%s: %s", *key, failure)
+            return
+        with self._written_lock:
+            self._written[key] = updated["metadata"]["resourceVersion"]
+        if self.view.job(key) is not None:
+            self.view.put_job(updated)
+        involved = {
+            "metadata": {k: updated["metadata"].get(k) for k in ("name", "namespace", "uid")}
+        }
+        self._events.submit(
+            self._post_event, involved, Event("Warning", error.reason, error.message)
         )
 
     def _refresh(self, key: Key) -> None:
@@ -272,9 +388,14 @@ class Controller:
         except Exception as error:  # an event is informative; never fail a reconcile over it
             log.warning("could not post event %s: %s", event.reason, error)
 
+    def _leading(self) -> None:
+        if not self.is_leader():
+            raise NotLeading()
+
     def apply(self, key: Key, job: dict[str, Any], decision: Decision) -> None:
         meta = job["metadata"]
         for action in decision.actions:
+            self._leading()
             if isinstance(action, CreateObject):
                 created = self.kube.create(action.body)
                 child = observe_child(created) if created else None
@@ -302,6 +423,7 @@ class Controller:
                 self.kube.delete(job_ref(*key), uid=meta.get("uid"))
                 return
         if decision.status is not None:
+            self._leading()
             patch = {
                 "metadata": {"resourceVersion": meta.get("resourceVersion")},
                 "status": merge_patch_for(job.get("status") or {}, decision.status),
@@ -330,3 +452,33 @@ class Controller:
             for event in decision.events:
                 self._events.submit(self._post_event, involved, event)
         self.view.set_state(key, decision.state)
+
+
+def _store_readable(
+    job: dict[str, Any], decision: Decision, s3: S3Settings, now: datetime
+) -> Decision:
+    """`decision`, with `StoreReachable` turned True (and a Normal event) when the job's status
+    still says its store could not be read: this reconcile just read it."""
+    old = read_status(job.get("status"))
+    previous = find_condition(old.conditions, ConditionType.STORE_REACHABLE)
+    if previous is None or previous.status == "True":
+        return decision
+    status = read_status(decision.status) if decision.status is not None else old
+    message = (
+        f"the job's store (S3 endpoint {s3.endpoint}, bucket {s3.bucket!r}) can be read again "
+        f"(it could not since {previous.last_transition_time}: {previous.reason})"
+    )
+    condition = Condition(
+        type=ConditionType.STORE_REACHABLE,
+        status="True",
+        reason=STORE_READABLE,
+        message=message,
+        last_transition_time=format_time(now),
+        observed_generation=(job.get("metadata") or {}).get("generation"),
+    )
+    status.conditions = set_condition(status.conditions, condition)
+    return dataclasses.replace(
+        decision,
+        status=status.to_wire(),
+        events=(*decision.events, Event("Normal", STORE_READABLE, message)),
+    )

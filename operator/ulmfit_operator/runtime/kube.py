@@ -20,6 +20,8 @@ from kubernetes.client.exceptions import ApiException
 from ulmfit_operator.api import API_VERSION, GROUP, KIND, PLURAL
 from ulmfit_operator.children import (
     JOB_API_VERSION,
+    NETWORKPOLICY_API_VERSION,
+    NETWORKPOLICY_KIND,
     PYTORCHJOB_API_VERSION,
     PYTORCHJOB_PLURAL,
     RAYJOB_API_VERSION,
@@ -56,6 +58,7 @@ PLURALS = {
     ("v1", "ConfigMap"): "configmaps",
     ("v1", "Event"): "events",
     ("v1", SERVICE_KIND): "services",
+    (NETWORKPOLICY_API_VERSION, NETWORKPOLICY_KIND): "networkpolicies",
     (RAYJOB_API_VERSION, RAYJOB_KIND): RAYJOB_PLURAL,
     (PYTORCHJOB_API_VERSION, "PyTorchJob"): PYTORCHJOB_PLURAL,
     (JOB_API_VERSION, "Job"): "jobs",

@@ -1,8 +1,10 @@
 """`LeaderElector`: only one replica acts, the one holding a `coordination.k8s.io` Lease.
 
 After client-go's leader election. Standbys keep watching (warm caches) but do not reconcile; a
-leader that cannot renew stops leading (the operator then exits). Restarting with the same
-identity (a container restart in the same pod) takes the lease back at once. Deterministic child
+leader that cannot renew stops leading at the renew deadline (its workers check before each
+write) and goes on as a candidate: it takes the lease back at once when nobody else took it (the
+API server was away), else it stands by. Restarting with the same identity (a container restart
+in the same pod) takes the lease back at once too. Deterministic child
 names make even an overlap harmless: a second create is a 409.
 
 `default_identity` and `own_namespace` are where a replica's name in the Lease and the Lease's
