@@ -11,8 +11,9 @@
 # Both build stages install the project into /opt/venv the same way, with one script that they
 # run twice, docker/install-python-project.sh (the stage's ENV EXTRAS names the extras): first
 # `dependencies`, the requirements named in pyproject.toml, in a layer that depends on
-# pyproject.toml and the script alone; then, after the source is copied, `project`, the project
-# itself. Editing the source reinstalls only the project.
+# pyproject.toml, requirements.lock and the script alone; then, after the source is copied,
+# `project`, the project itself. Editing the source reinstalls only the project. requirements.lock
+# constrains both: every distribution is at the version it pins, as in `make env`.
 #
 # pip reads two optional build secrets, mounted for its commands only and kept out of every layer:
 # `pip.conf` (becomes /etc/pip.conf: an index mirror, timeouts) and `pip-ca.crt` (a CA bundle that
@@ -42,7 +43,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml docker/install-python-project.sh ./
+COPY pyproject.toml requirements.lock docker/install-python-project.sh ./
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
     sh install-python-project.sh dependencies
 COPY README.md ./
@@ -85,14 +86,28 @@ RUN apt-get update \
 
 FROM trainer-base AS trainer-build
 ARG TRAINER_PYTHON
-# torch from the PyTorch index for the CUDA release of the base image (the PyPI wheel targets a
-# newer CUDA than some drivers support). Empty: pip's own configured index.
-ARG TORCH_VERSION=2.7.1
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# TORCH_VERSION is the version requirements.lock pins (a test keeps them equal). By default torch
+# comes from pip's own configured index, where the lock was resolved, so that version exists; its
+# wheel brings its own CUDA runtime (nvidia-* wheels), newer than some drivers support. For such a
+# node pool set TORCH_INDEX_URL to a PyTorch index of an older CUDA release that has
+# TORCH_VERSION; the nvidia-* wheels it brings are then left as they are.
+ARG TORCH_VERSION=2.15.0
+ARG TORCH_INDEX_URL=
+# A C++ compiler and Python's headers, in this build stage only: DeepSpeed's CPU shared-memory op
+# is compiled into DeepSpeed here (DS_BUILD_SHM_COMM, against the installed torch, for the CPU
+# accelerator) instead of at the first step of each CPU stage, where the image has no compiler.
+# Ubuntu's security updates replace package versions in place (see trainer-base).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ "$TRAINER_PYTHON-dev" \
+    && rm -rf /var/lib/apt/lists/*
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     EXTRAS=trainer \
-    DS_BUILD_OPS=0
+    NO_BUILD_ISOLATION=deepspeed \
+    DS_BUILD_OPS=0 \
+    DS_BUILD_SHM_COMM=1 \
+    DS_ACCELERATOR=cpu
 RUN "$TRAINER_PYTHON" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
@@ -101,7 +116,7 @@ WORKDIR /src
 # hadolint ignore=DL3013
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
     pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
-COPY pyproject.toml docker/install-python-project.sh ./
+COPY pyproject.toml requirements.lock docker/install-python-project.sh ./
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
     sh install-python-project.sh dependencies
 COPY README.md ./

@@ -6,6 +6,12 @@ VENV := .venv/bin
 env:
 	bash scripts/bootstrap.sh
 
+# Re-resolve requirements.lock after editing pyproject.toml's requirements; pins that still fit
+# are kept (`bash scripts/bootstrap.sh lock --upgrade` moves every pin to the newest release).
+.PHONY: lock
+lock:
+	bash scripts/bootstrap.sh lock
+
 example: env
 	$(VENV)/ulmfit run examples/ulmfitjob.yaml
 

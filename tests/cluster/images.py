@@ -1127,6 +1127,7 @@ def dockerfile_inputs() -> list[list[str]]:
             "Dockerfile",
             ".dockerignore",
             "pyproject.toml",
+            "requirements.lock",
             "README.md",
             "docker/install-python-project.sh",
         )

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 SCRIPT = ROOT / "docker" / "install-python-project.sh"
+LOCK = ROOT / "requirements.lock"
 BUILD_STAGES = ("operator-build", "trainer-build")
 HEAVY = ("torch", "transformers", "tokenizers", "deepspeed", "ray")  # distributions
 
@@ -100,11 +101,15 @@ def script_runs(stage: str) -> list[tuple[int, str]]:
 
 
 def run_script(
-    mode: str, extras: str | None, cwd: Path, path: Sequence[Path] = ()
+    mode: str,
+    extras: str | None,
+    cwd: Path,
+    path: Sequence[Path] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """The install script as the Dockerfile runs it (``sh``), with this venv's python on PATH."""
     dirs = [*path, Path(sys.executable).parent, Path("/usr/bin"), Path("/bin")]
-    env = {"PATH": ":".join(map(str, dirs))}
+    env = {**(env or {}), "PATH": ":".join(map(str, dirs))}
     if extras is not None:
         env["EXTRAS"] = extras
     return subprocess.run(
@@ -186,7 +191,7 @@ def test_both_builds_install_the_project_through_the_one_script() -> None:
     for stage in BUILD_STAGES:
         lines = stages()[stage]
         copies = [line for line in lines if line.startswith("COPY ") and SCRIPT.name in line]
-        assert copies == [f"COPY pyproject.toml docker/{SCRIPT.name} ./"], stage
+        assert copies == [f"COPY pyproject.toml requirements.lock docker/{SCRIPT.name} ./"], stage
         assert [mode for _, mode in script_runs(stage)] == ["dependencies", "project"], stage
         for i, mode in script_runs(stage):
             assert lines[i].endswith(f" sh {SCRIPT.name} {mode}"), lines[i]
@@ -228,7 +233,7 @@ def test_dependencies_install_before_the_source_is_copied() -> None:
             if line.startswith("COPY ")
             for word in line.split()[1:-1]
         }
-        assert copied_before == {"pyproject.toml", f"docker/{SCRIPT.name}"}, stage
+        assert copied_before == {"pyproject.toml", "requirements.lock", f"docker/{SCRIPT.name}"}
         copy_source = next(
             i for i, line in enumerate(instructions) if line.startswith("COPY operator")
         )
@@ -254,36 +259,129 @@ def test_requirements_reader_matches_pyproject() -> None:
         assert misuse.returncode == 2 and "usage" in misuse.stderr, (mode, wrong)
 
 
-def test_install_script_runs_pip_as_the_layers_need(tmp_path: Path) -> None:
-    """`dependencies` needs pyproject.toml alone; `project` installs the source with its extras."""
-    bin_dir, workdir = tmp_path / "bin", tmp_path / "src"
+def pip_stand_in(tmp_path: Path) -> tuple[Path, Path]:
+    """A `pip` that logs its arguments and keeps copies of the files it is given; (bin, log)."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    workdir.mkdir()
     log = tmp_path / "pip.log"
     stand_in = bin_dir / "pip"
     stand_in.write_text(
         "#!/bin/sh\n"
         f"printf '%s\\n' \"$*\" >> '{log}'\n"
-        f'if [ "$3" = -r ]; then cp "$4" \'{tmp_path}/requirements\'; fi\n'
+        "while [ $# -gt 0 ]; do\n"
+        f"  case $1 in -c) cp \"$2\" '{tmp_path}/constraints' ;;\n"
+        f"  -r) cp \"$2\" '{tmp_path}/requirements' ;; esac\n"
+        "  shift\n"
+        "done\n"
     )
     stand_in.chmod(0o755)
-    shutil.copy(ROOT / "pyproject.toml", workdir)  # what the dependencies layer has
+    return bin_dir, log
+
+
+def lock_pins() -> list[str]:
+    return [line.strip() for line in LOCK.read_text().splitlines() if "==" in line.split("#")[0]]
+
+
+def test_install_script_runs_pip_as_the_layers_need(tmp_path: Path) -> None:
+    """`dependencies` needs pyproject.toml and the lock alone; `project` installs the source with
+    its extras; every pip command is constrained by requirements.lock."""
+    bin_dir, log = pip_stand_in(tmp_path)
+    workdir = tmp_path / "src"
+    workdir.mkdir()
+    for name in ("pyproject.toml", "requirements.lock"):  # what the dependencies layer has
+        shutil.copy(ROOT / name, workdir)
     result = run_script("dependencies", "trainer", workdir, [bin_dir])
     assert result.returncode == 0, result.stderr
     (call,) = log.read_text().splitlines()
-    assert call.split()[:3] == ["install", "--no-cache-dir", "-r"], call
+    words = call.split()
+    assert words[:3] == ["install", "--no-cache-dir", "-c"] and words[4] == "-r", call
     assert (tmp_path / "requirements").read_text().splitlines() == expected_requirements("trainer")
-    assert not Path(call.split()[3]).exists(), "the requirements list stays behind"
-    assert sorted(p.name for p in workdir.iterdir()) == ["pyproject.toml"]
+    # This environment pins nothing against the lock: the constraints are the lock's pins.
+    assert (tmp_path / "constraints").read_text().splitlines() == lock_pins()
+    assert not Path(words[3]).exists() and not Path(words[5]).exists(), "temporary lists stay"
+    assert sorted(p.name for p in workdir.iterdir()) == ["pyproject.toml", "requirements.lock"]
 
     log.unlink()
     result = run_script("project", "operator", workdir, [bin_dir])
     assert result.returncode == 0, result.stderr
-    assert log.read_text().splitlines() == ["install --no-cache-dir .[operator]"]
+    (call,) = log.read_text().splitlines()
+    assert call.split()[:3] == ["install", "--no-cache-dir", "-c"], call
+    assert call.split()[4:] == [".[operator]"], call
 
     log.unlink()
     failed = run_script("dependencies", "no-such-extra", workdir, [bin_dir])
     assert failed.returncode != 0 and not log.exists(), "pip ran on a failed read"
+    (workdir / "requirements.lock").unlink()
+    failed = run_script("dependencies", "operator", workdir, [bin_dir])
+    assert failed.returncode != 0 and "requirements.lock" in failed.stderr
+    assert not log.exists(), "pip ran without the lock"
+
+
+def test_install_script_builds_no_build_isolation_packages_first(tmp_path: Path) -> None:
+    """The trainer stage's NO_BUILD_ISOLATION=deepspeed: the lock's setuptools and wheel, then
+    DeepSpeed built against the installed torch (its DS_BUILD_* ops), then the rest."""
+    bin_dir, log = pip_stand_in(tmp_path)
+    for name in ("pyproject.toml", "requirements.lock"):
+        shutil.copy(ROOT / name, tmp_path)
+    env = {"NO_BUILD_ISOLATION": stage_env("trainer-build")["NO_BUILD_ISOLATION"]}
+    result = run_script("dependencies", "trainer", tmp_path, [bin_dir], env)
+    assert result.returncode == 0, result.stderr
+    calls = [call.split() for call in log.read_text().splitlines()]
+    assert [call[:3] for call in calls] == [["install", "--no-cache-dir", "-c"]] * 3, calls
+    assert calls[0][4:] == ["setuptools", "wheel"]
+    assert calls[1][4:] == ["--no-build-isolation", "deepspeed"]
+    assert calls[2][4] == "-r"
+
+
+def test_constraints_leave_out_what_an_installed_distribution_pins_otherwise(
+    tmp_path: Path,
+) -> None:
+    """A torch from a CUDA index pins its own nvidia-* builds with `==`: the lock's other
+    versions of those are left out (pip would find no solution); pins of an extra do not count,
+    and an equal pin keeps the lock's line."""
+    site = tmp_path / "site"
+    info = site / "torch_from_an_index-1.0.dist-info"
+    info.mkdir(parents=True)
+    pins = {line.split("==")[0]: line for line in lock_pins()}
+    torch_pin = pins["torch"].split("==")[1].split(";")[0].strip()
+    info.joinpath("METADATA").write_text(
+        "Metadata-Version: 2.1\nName: torch-from-an-index\nVersion: 1.0\n"
+        'Requires-Dist: nvidia-cublas==0.0.1; platform_system == "Linux"\n'
+        f"Requires-Dist: torch=={torch_pin}\n"
+        'Requires-Dist: mypy==0.0.1; extra == "dev"\n'
+    )
+    shutil.copy(LOCK, tmp_path)
+    result = run_script("constraints", "trainer", tmp_path, env={"PYTHONPATH": str(site)})
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()
+    assert printed == [line for line in lock_pins() if not line.startswith("nvidia-cublas==")]
+    assert "nvidia-cublas" in result.stderr and "mypy" not in result.stderr
+
+
+def test_trainer_image_torch_is_the_locked_one_and_deepspeed_carries_the_shm_op() -> None:
+    """TORCH_VERSION's default is the lock's torch; DeepSpeed is built in the image with its CPU
+    shared-memory op (a compiler in the build stage only), so no CPU stage compiles it."""
+    (torch,) = [line for line in lock_pins() if line.startswith("torch==")]
+    build = stages()["trainer-build"]
+    assert f"ARG TORCH_VERSION={torch.split('==')[1].split(';')[0].strip()}" in build
+    env = stage_env("trainer-build")
+    assert env["NO_BUILD_ISOLATION"] == "deepspeed"
+    deepspeed = (env["DS_BUILD_OPS"], env["DS_BUILD_SHM_COMM"], env["DS_ACCELERATOR"])
+    assert deepspeed == ("0", "1", "cpu")
+    install = next(i for i, line in enumerate(build) if "apt-get install" in line)
+    assert "g++" in build[install] and '"$TRAINER_PYTHON-dev"' in build[install]
+    assert install < script_runs("trainer-build")[0][0]
+    final = " ".join(stages()["trainer"])
+    assert "g++" not in final and "DS_BUILD" not in final, "the compiler stays in the build stage"
+
+
+def stage_env(stage: str) -> dict[str, str]:
+    """The variables a stage's ENV instructions set (KEY=VALUE form)."""
+    found: dict[str, str] = {}
+    for line in stages()[stage]:
+        if line.upper().startswith("ENV "):
+            found.update(re.findall(r"(\w+)=(\S+)", line[4:]))
+    return found
 
 
 def test_install_script_is_posix_sh_that_shellcheck_accepts() -> None:

@@ -90,12 +90,21 @@ def _free_port() -> int:
 
 
 def _shm_op_built() -> bool:
-    """Whether DeepSpeed's shared-memory collective op is there without compiling it."""
+    """Whether DeepSpeed's shared-memory collective op loads without compiling it.
+
+    Either prebuilt into DeepSpeed (``DS_BUILD_SHM_COMM=1`` at its install, as `make env` and the
+    trainer image do) for the CPU accelerator and this torch's minor version, or JIT-built in
+    ``TORCH_EXTENSIONS_DIR`` with ninja and a C++ compiler at hand: loading that cache runs ninja,
+    which compiles again whatever looks out of date, and fails without them.
+    """
     try:
-        from deepspeed.git_version_info import installed_ops
+        from deepspeed.git_version_info import accelerator_name, installed_ops, torch_info
 
         if installed_ops.get("deepspeed_shm_comm"):
-            return True
+            minor = ".".join(torch.__version__.split(".")[:2])
+            return accelerator_name == "cpu" and torch_info.get("version") == minor
+        if not (shutil.which("ninja") and shutil.which(os.environ.get("CXX", "c++"))):
+            return False
         from torch.utils.cpp_extension import _get_build_directory
 
         build = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
