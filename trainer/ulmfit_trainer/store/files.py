@@ -35,24 +35,18 @@ def local_files(directory: Path) -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-class HashingReader:
-    """A read-only file wrapper that hashes what passes through it, so one pass both uploads
-    and checksums a file."""
-
-    def __init__(self, raw: Any, progress: Progress | None = None):
-        self._raw = raw
-        self._progress = progress
-        self.digest = hashlib.sha256()
-        self.count = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data: bytes = self._raw.read(size)
-        if data:
-            self.digest.update(data)
-            self.count += len(data)
-            if self._progress is not None:
-                self._progress(len(data))
-        return data
+def read_exactly(src: Any, view: memoryview) -> None:
+    """Fill `view` from the unbuffered file `src` (`readinto` may return less than asked);
+    `OSError` when the file ends first (it shrank while being read)."""
+    done = 0
+    while done < len(view):
+        n = src.readinto(view[done:])
+        if not n:
+            raise OSError(
+                f"{getattr(src, 'name', 'file')} ended after {done} of {len(view)} expected "
+                "bytes: it shrank while it was read"
+            )
+        done += n
 
 
 def copy_hashing(src: Any, dst: Any, progress: Progress | None = None) -> tuple[int, str]:

@@ -10,15 +10,18 @@ import http.client
 import io
 import logging
 import os
+import queue
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.datatypes import Part
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
@@ -30,7 +33,7 @@ from ulmfit_trainer.store.errors import (
     StoreError,
     StoreUnavailable,
 )
-from ulmfit_trainer.store.files import MIB, HashingReader, Progress, T, write_atomic
+from ulmfit_trainer.store.files import MIB, Progress, T, read_exactly, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +85,11 @@ _RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (*_NETWORK_ERRORS, _Retryab
 class S3Store(Store):
     """Objects in an S3 bucket under a key prefix, through the minio client.
 
-    Files go up as streaming multipart uploads (`partSizeMb` parts, `parallelUploads` at a time),
-    hashed on the way; downloads stream to disk in chunks, so memory stays bounded whatever the
-    file size. Connection errors and 5xx answers are retried with exponential backoff and jitter;
-    rejected credentials are not.
+    Files go up as multipart uploads (`partSizeMb` parts, `parallelUploads` at a time) in one
+    pass over the file, hashed on the way, through reused part buffers; downloads stream to disk
+    in chunks and are hashed as they arrive (a load is one pass too), so memory stays bounded
+    whatever the file size. Connection errors and 5xx answers are retried with exponential
+    backoff and jitter; rejected credentials are not.
     """
 
     def __init__(self, settings: S3Settings, *, client: Minio | None = None):
@@ -259,22 +263,106 @@ class S3Store(Store):
         part_size = self._part_size(size)
 
         def attempt() -> ObjectInfo:
-            with open(path, "rb") as fh:
-                reader = HashingReader(fh, progress)
-                self._client.put_object(
-                    self.bucket,
-                    name,
-                    reader,  # type: ignore[arg-type]
-                    size,
-                    part_size=part_size,
-                    num_parallel_uploads=self.settings.parallel_uploads,
-                )
-            return ObjectInfo(key, reader.count, reader.digest.hexdigest())
+            # Unbuffered: every read goes straight into the part buffer, no second copy.
+            with open(path, "rb", buffering=0) as fh:
+                if size <= part_size:
+                    count, sha = self._put_whole(name, fh, size, part_size, progress)
+                else:
+                    count, sha = self._put_parts(name, fh, size, part_size, progress)
+            return ObjectInfo(key, count, sha)
 
         try:
             return self._call("upload", key, attempt, write=True)
         except _Missing as missing:
             raise self._not_found(key, missing) from None
+
+    def _put_whole(
+        self, name: str, fh: Any, size: int, part_size: int, progress: Progress | None
+    ) -> tuple[int, str]:
+        """A file of at most one part: one read, one hash, one PUT."""
+        chunks = []
+        left = size
+        while left:
+            chunk = fh.read(left)
+            if not chunk:
+                raise OSError(f"{fh.name} shrank while it was uploaded: {size - left} of {size}")
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if progress is not None and size:
+            progress(size)
+        # `part_size` of at least the size: one PUT, no multipart upload.
+        self._client.put_object(self.bucket, name, io.BytesIO(data), size, part_size=part_size)
+        return size, hashlib.sha256(data).hexdigest()
+
+    def _put_parts(
+        self, name: str, fh: Any, size: int, part_size: int, progress: Progress | None
+    ) -> tuple[int, str]:
+        """A multipart upload in one pass over the file, `parallelUploads` parts at a time.
+
+        This thread reads each part into a buffer and feeds the whole-file sha256 (in file
+        order); a pool sends the parts. The buffers are reused (at most one per upload thread),
+        so a file of any size costs `parallelUploads * partSizeMb` of memory and no fresh
+        allocation per part. Any failure aborts the upload, so no part outlives a failed try.
+        """
+        client = self._client
+        count = -(-size // part_size)
+        workers = min(self.settings.parallel_uploads, count)
+        upload_id = client._create_multipart_upload(
+            self.bucket, name, {"Content-Type": "application/octet-stream"}
+        )
+        digest = hashlib.sha256()
+        etags = [""] * count
+        errors: list[BaseException] = []
+        free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        buffers = 0
+
+        def send(number: int, buffer: bytearray, length: int) -> None:
+            try:
+                # minio hashes (for the signature), measures and sends the body, nothing else:
+                # a view of the buffer does instead of a copy.
+                view = cast(bytes, memoryview(buffer)[:length])
+                etags[number - 1] = client._upload_part(
+                    self.bucket, name, view, None, upload_id, number
+                )
+            except BaseException as exc:
+                errors.append(exc)
+                raise
+            finally:
+                free.put(buffer)  # only now: the buffer is not reused while it is being sent
+
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="s3-part")
+        try:
+            try:
+                sent = []
+                for number in range(1, count + 1):
+                    if buffers < workers:
+                        buffer, buffers = bytearray(part_size), buffers + 1
+                    else:
+                        buffer = free.get()  # a part went out (or failed): reuse its buffer
+                    if errors:
+                        raise errors[0]  # stop reading at the first failed part
+                    length = min(part_size, size - (number - 1) * part_size)
+                    view = memoryview(buffer)[:length]
+                    read_exactly(fh, view)
+                    digest.update(view)
+                    if progress is not None:
+                        progress(length)
+                    sent.append(pool.submit(send, number, buffer, length))
+                for future in sent:
+                    future.result()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            client._complete_multipart_upload(
+                self.bucket, name, upload_id, [Part(n + 1, etag) for n, etag in enumerate(etags)]
+            )
+        except BaseException:
+            try:
+                client._abort_multipart_upload(self.bucket, name, upload_id)
+            except Exception as exc:  # the server may be gone: the original error matters
+                log.debug("abort of the multipart upload of %s failed: %s", name, _brief(exc))
+            raise
+        return size, digest.hexdigest()
 
     def get_file(self, key: str, path: str | Path) -> ObjectInfo:
         name = self._name(key)
