@@ -7,15 +7,18 @@ client threads, plays the Training Operator and the trainer for every child unti
 succeeded, and measures
 
 * apply -> first child latency, p50 and p99 (client clock: just before each job's POST to the
-  ADDED event of its first PyTorchJob on a watch), target p99 < 2 s at N=100;
+  ADDED event of its first PyTorchJob on a watch), target p99 < 1 s at N=100, < 2 s above;
 * API writes by the operator per job and per stage transition, counted in the API server's audit
   log (the operator's own account; the leader Lease left out), target <= 10 per transition;
-* the operator's peak resident memory (VmHWM), target < 250 MB at N=500.
+* the operator's peak resident memory (VmHWM), target < 150 MB at N=500.
+
+`--profile` attaches py-spy (when installed) to the operator for each N and leaves a collapsed
+stack file (`profile-n<N>.txt`, for flamegraph tools) in the work directory.
 
 Prints one JSON line per figure, {"name", "value", "unit", "baseline", "ratio"} where the
 baseline is the target; progress goes to stderr.
 
-    python benchmarks/operator_scale.py            # N = 100 and 500
+    python benchmarks/operator_scale.py            # N = 100, 500 and 1000
     python benchmarks/operator_scale.py --sizes 50
 """
 
@@ -25,6 +28,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -295,6 +299,18 @@ def start_operator(
     return process, metrics_port
 
 
+def start_profiler(pid: int, output: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the operator until it exits (collapsed stacks, GIL-holding threads and
+    idle ones apart); None without py-spy."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        log("no py-spy: no profile")
+        return None
+    argv = [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "100"]
+    argv += ["--threads", "--nonblocking", "-o", str(output)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -327,6 +343,7 @@ def run_size(
     )
     before = cluster.writes_by(OPERATOR_USER)
     operator, metrics_port = start_operator(kubeconfig, s3, workdir, args.resync, args.workers)
+    profiler = start_profiler(operator.pid, workdir / f"profile-n{n}.txt") if args.profile else None
     watches = [
         ChildWatch(admin, namespace, "kubeflow.org/v1", "pytorchjobs"),
         ChildWatch(admin, namespace, "batch/v1", "jobs"),
@@ -368,6 +385,10 @@ def run_size(
         interval=0.2,
     )
     latencies = [watches[0].first_seen[first[name]] - applied[name] for name in applied]
+    latency_target = 1.0 if n <= 100 else 2.0
+    emit(f"apply_to_first_child_p50_n{n}", statistics.median(latencies), "s", latency_target)
+    emit(f"apply_to_first_child_p99_n{n}", percentile(latencies, 99), "s", latency_target)
+    emit(f"operator_peak_rss_first_children_n{n}", peak_rss_mb(operator.pid), "MB", 150.0)
     log(f"N={n}: first children in place; playing every stage to the end")
 
     def all_done() -> bool:
@@ -389,18 +410,34 @@ def run_size(
         )
         return done == n
 
-    wait_for(all_done, args.timeout, f"all {n} jobs to succeed", interval=1.0)
+    try:
+        wait_for(all_done, args.timeout, f"all {n} jobs to succeed", interval=1.0)
+        succeeded = True
+    except TimeoutError as error:  # still report what was written for the transitions made
+        log(f"N={n}: {error}")
+        succeeded = False
     elapsed = time.monotonic() - started
     rss = peak_rss_mb(operator.pid)
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
         counted = [
             line
             for line in page.read().decode().splitlines()
-            if line.startswith("ulmfit_api_writes_total")
+            if line.startswith(
+                (
+                    "ulmfit_api_writes_total",
+                    "ulmfit_reconciles_total",
+                    "ulmfit_store_reads_total",
+                    "ulmfit_reconcile_duration_seconds_sum",
+                    "ulmfit_reconcile_duration_seconds_count",
+                )
+            )
         ]
     time.sleep(2)  # the audit log is written in batches
     os.killpg(operator.pid, signal.SIGTERM)
     operator.wait(30)
+    if profiler is not None:
+        profiler.wait(60)
+        log(f"N={n}: profile in {workdir / f'profile-n{n}.txt'}")
     for watch in watches:
         watch.stop.set()
     writes = cluster.writes_by(OPERATOR_USER) - before
@@ -410,18 +447,19 @@ def run_size(
     if player.failures:
         log(f"N={n}: player failures: {player.failures[:3]}")
     children = sum(len(w.first_seen) for w in watches)
-    emit(f"apply_to_first_child_p50_n{n}", statistics.median(latencies), "s", 2.0)
-    emit(f"apply_to_first_child_p99_n{n}", percentile(latencies, 99), "s", 2.0)
     emit(f"api_writes_per_job_n{n}", job_writes / n, "writes", 10.0 * len(STAGES))
-    emit(f"api_writes_per_stage_transition_n{n}", job_writes / (n * len(STAGES)), "writes", 10.0)
+    # A stage transition starts one child: writes per child made is writes per transition.
+    emit(f"api_writes_per_stage_transition_n{n}", job_writes / max(1, children), "writes", 10.0)
     emit(f"children_per_job_n{n}", children / n, "children", float(len(STAGES)))
-    emit(f"operator_peak_rss_n{n}", rss, "MB", 250.0)
-    emit(f"all_jobs_succeeded_seconds_n{n}", elapsed, "s", float(args.timeout))
+    emit(f"operator_peak_rss_n{n}", rss, "MB", 150.0)
+    if succeeded:
+        emit(f"all_jobs_succeeded_seconds_n{n}", elapsed, "s", float(args.timeout))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 1000])
+    parser.add_argument("--profile", action="store_true", help="py-spy the operator (see above)")
     parser.add_argument(
         "--resync",
         type=float,

@@ -25,9 +25,9 @@ The fixed order, as in Kubeflow's controllers:
 7. backoff limit (failed attempts of each ready stage, counted per stage);
 8. progress watchdog, per ready stage (a running attempt whose progress is stale is stopped:
    a failed attempt);
-9. exactly one child per ready stage: create its next attempt when none is active (with the
-   job's NetworkPolicy ahead of it, when the operator fences pods; a tune stage also gets its
-   dashboard Service);
+9. exactly one child per ready stage: create its next attempt when none is active (the job's
+   NetworkPolicy ahead of its first child, when the operator fences pods; a tune stage also gets
+   its dashboard Service);
 10. status and events, from the difference between the old status and the new one.
 
 Everything derives from the cluster and the store; the status only remembers what is expensive
@@ -529,9 +529,9 @@ class _Context:
         body = child_workload(Attempt(self.job.owner, stage, self.spec, run.attempt, init), backend)
         run.child = body["metadata"]["name"]
         config_map = stage_config_map(self.job.owner, run.child, stage, run.attempt)
-        if self.network is not None:
-            # Before the first pod; made again (or found) at each attempt, so a policy someone
-            # deleted comes back.
+        if self.network is not None and not self.job.children:
+            # Before the job's first child (again after a crash in between: a 409 then), not at
+            # every attempt: that would be one refused write per stage transition.
             port = S3Endpoint.of(self.s3).port or 0
             fence = network_policy(self.job.owner, port, self.network)
             self.job.actions.append(CreateObject(fence))

@@ -23,14 +23,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from kubeflow.training.configuration import Configuration as KubeflowConfiguration
-from kubeflow.training.models import (
-    KubeflowOrgV1PyTorchJob,
-    KubeflowOrgV1PyTorchJobSpec,
-    KubeflowOrgV1ReplicaSpec,
-    KubeflowOrgV1RunPolicy,
-)
-from kubernetes import client as k8s
 from ulmfit_trainer.config import StageConfig, StageName, StorageSpec, TuneBackend, TuneSpec
 
 from ulmfit_operator.api import API_VERSION, KIND, ULMFiTJobSpec
@@ -81,32 +73,13 @@ RUN_AS_USER = 65532  # the non-root user of the Dockerfile's trainer image
 MAX_CHILD_NAME = 50
 MAX_SERVICE_NAME = 63
 
-_SERIALIZER = k8s.ApiClient()
-# Each kubeflow model makes its own Configuration unless given one, and every new Configuration
-# resets the level of its loggers (which clears the logging cache of the whole process).
-_KUBEFLOW = KubeflowConfiguration()
+Body = dict[str, Any]
+"""A child object (or a part of one) as the plain JSON the API takes."""
 
 
-def to_dict(model: Any) -> Any:
-    """A kubernetes or kubeflow client model as the plain JSON the API takes.
-
-    The kubeflow models come from an older generator (`attribute_map` holds the JSON names);
-    the kubernetes client serializes its own models.
-    """
-    if model is None or isinstance(model, str | int | float | bool):
-        return model
-    if isinstance(model, list | tuple):
-        return [to_dict(item) for item in model]
-    if isinstance(model, dict):
-        return {key: to_dict(value) for key, value in model.items() if value is not None}
-    attribute_map = getattr(model, "attribute_map", None)
-    if isinstance(attribute_map, dict) and hasattr(model, "openapi_types"):
-        return {
-            attribute_map[name]: to_dict(getattr(model, name))
-            for name in model.openapi_types
-            if getattr(model, name) is not None
-        }
-    return _SERIALIZER.sanitize_for_serialization(model)
+def _present(body: Body) -> Body:
+    """`body` without its None values (what the API's own serializers leave out)."""
+    return {key: value for key, value in body.items() if value is not None}
 
 
 # --------------------------------------------------------------------------------------- names
@@ -190,30 +163,41 @@ class Owner:
         stage: str,
         attempt: int,
         annotations: dict[str, str] | None = None,
-    ) -> k8s.V1ObjectMeta:
-        return k8s.V1ObjectMeta(
-            name=name,
-            namespace=self.namespace,
-            labels=self.labels(stage, attempt),
-            annotations=annotations or None,
-            owner_references=[k8s.V1OwnerReference.model_validate(self.reference())],
+    ) -> Body:
+        return _present(
+            {
+                "annotations": annotations or None,
+                "labels": self.labels(stage, attempt),
+                "name": name,
+                "namespace": self.namespace,
+                "ownerReferences": [self.owner_reference()],
+            }
         )
+
+    def owner_reference(self) -> Body:
+        """`reference()` in the order the API's serializers write an ownerReference."""
+        ref = self.reference()
+        return {key: ref[key] for key in sorted(ref)}
 
 
 # ------------------------------------------------------------------------------------ builders
+#
+# Plain dicts, with keys in the order the kubernetes client's serializer writes them (a model's
+# fields by name; a map's keys as given), so that the bodies are exactly what its typed models
+# made. tests/unit/test_workloads_schema.py checks them against the kubernetes and kubeflow
+# models. Not importing those models keeps ~140 MB of model classes out of the operator.
 
 
-def stage_config_map(owner: Owner, child: str, stage: PlannedStage, attempt: int) -> dict[str, Any]:
+def stage_config_map(owner: Owner, child: str, stage: PlannedStage, attempt: int) -> Body:
     """The ConfigMap holding `stage.json` for one attempt."""
     config: StageConfig = stage.config
     text = json.dumps(config.to_wire(), indent=2, sort_keys=True) + "\n"
-    body = k8s.V1ConfigMap(
-        api_version="v1",
-        kind=CONFIGMAP_KIND,
-        metadata=owner.metadata(config_map_name(child), stage.name, attempt),
-        data={CONFIG_FILE: text},
-    )
-    return to_dict(body)
+    return {
+        "apiVersion": "v1",
+        "data": {CONFIG_FILE: text},
+        "kind": CONFIGMAP_KIND,
+        "metadata": owner.metadata(config_map_name(child), stage.name, attempt),
+    }
 
 
 def torchrun_command(stage: str, workers: int, processes: int) -> list[str]:
@@ -246,22 +230,20 @@ def single_process_command(stage: str) -> list[str]:
     return ["python", "-m", "ulmfit_trainer", stage, "--config", CONFIG_PATH]
 
 
-def storage_env(storage: StorageSpec) -> list[k8s.V1EnvVar]:
+def _env(name: str, value: str) -> Body:
+    return {"name": name, "value": value}
+
+
+def storage_env(storage: StorageSpec) -> list[Body]:
     """S3 credentials from the job's Secret, under the variable names the S3 settings read."""
     if storage.s3 is None or not storage.credentials_secret_ref:
         return []
     secret = storage.credentials_secret_ref
     s3 = storage.s3
 
-    def from_secret(variable: str, key: str, optional: bool = False) -> k8s.V1EnvVar:
-        return k8s.V1EnvVar(
-            name=variable,
-            value_from=k8s.V1EnvVarSource(
-                secret_key_ref=k8s.V1SecretKeySelector(
-                    name=secret, key=key, optional=True if optional else None
-                )
-            ),
-        )
+    def from_secret(variable: str, key: str, optional: bool = False) -> Body:
+        selector = _present({"key": key, "name": secret, "optional": True if optional else None})
+        return {"name": variable, "valueFrom": {"secretKeyRef": selector}}
 
     return [
         from_secret(s3.access_key_env, "AWS_ACCESS_KEY_ID"),
@@ -270,24 +252,32 @@ def storage_env(storage: StorageSpec) -> list[k8s.V1EnvVar]:
     ]
 
 
-def _security_context() -> k8s.V1SecurityContext:
-    return k8s.V1SecurityContext(
-        allow_privilege_escalation=False,
-        read_only_root_filesystem=True,
-        run_as_non_root=True,
-        capabilities=k8s.V1Capabilities(drop=["ALL"]),
-        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-    )
+def _security_context() -> Body:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
-def _pod_security_context() -> k8s.V1PodSecurityContext:
-    return k8s.V1PodSecurityContext(
-        run_as_non_root=True,
-        run_as_user=RUN_AS_USER,
-        run_as_group=RUN_AS_USER,
-        fs_group=RUN_AS_USER,
-        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-    )
+def _pod_security_context() -> Body:
+    return {
+        "fsGroup": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _port(name: str, port: int) -> Body:
+    return {"containerPort": port, "name": name}
+
+
+def _empty_dir(name: str, size_limit: str, medium: str | None = None) -> Body:
+    return {"emptyDir": _present({"medium": medium, "sizeLimit": size_limit}), "name": name}
 
 
 @dataclass(frozen=True)
@@ -305,7 +295,7 @@ class Attempt:
     def name(self) -> str:
         return child_name(self.owner.name, self.stage.name, self.number)
 
-    def metadata(self) -> k8s.V1ObjectMeta:
+    def metadata(self) -> Body:
         annotations = (
             {ANNOTATION_INIT_CHECKPOINT: self.init_checkpoint} if self.init_checkpoint else {}
         )
@@ -316,129 +306,113 @@ class Attempt:
         name: str,
         command: list[str] | None,
         gpus: int,
-        ports: list[k8s.V1ContainerPort] | None = None,
-        extra_env: list[k8s.V1EnvVar] | None = None,
-    ) -> k8s.V1Container:
+        ports: list[Body] | None = None,
+        extra_env: list[Body] | None = None,
+    ) -> Body:
         res = self.spec.resources
         limits = {"cpu": res.cpu, "memory": res.memory}
         if gpus > 0:
             limits["nvidia.com/gpu"] = str(gpus)
         env = [
-            k8s.V1EnvVar(name="HOME", value="/tmp"),
-            k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
-            k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
-            k8s.V1EnvVar(name="ULMFIT_ATTEMPT", value=str(self.number)),
+            _env("HOME", "/tmp"),
+            _env("XDG_CACHE_HOME", "/tmp/.cache"),
+            _env("PYTHONUNBUFFERED", "1"),
+            _env("ULMFIT_ATTEMPT", str(self.number)),
             *(extra_env or []),
             *storage_env(self.spec.storage),
         ]
-        return k8s.V1Container(
-            name=name,
-            image=res.image,
-            image_pull_policy=res.image_pull_policy,
-            command=command,
-            env=env,
-            ports=ports or None,
-            resources=k8s.V1ResourceRequirements(requests=dict(limits), limits=limits),
-            volume_mounts=[
-                k8s.V1VolumeMount(name="stage-config", mount_path=CONFIG_DIR, read_only=True),
-                k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
-                k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
-            ],
-            security_context=_security_context(),
+        return _present(
+            {
+                "command": command,
+                "env": env,
+                "image": res.image,
+                "imagePullPolicy": res.image_pull_policy,
+                "name": name,
+                "ports": ports or None,
+                "resources": {"limits": limits, "requests": dict(limits)},
+                "securityContext": _security_context(),
+                "volumeMounts": [
+                    {"mountPath": CONFIG_DIR, "name": "stage-config", "readOnly": True},
+                    {"mountPath": "/tmp", "name": "tmp"},
+                    {"mountPath": "/dev/shm", "name": "dshm"},
+                ],
+            }
         )
 
     def pod_template(
         self,
-        container: k8s.V1Container,
+        container: Body,
         role: str | None = None,
         restart_policy: str | None = "Never",
-    ) -> k8s.V1PodTemplateSpec:
-        return k8s.V1PodTemplateSpec(
-            metadata=k8s.V1ObjectMeta(labels=self.owner.labels(self.stage.name, self.number, role)),
-            spec=k8s.V1PodSpec(
-                restart_policy=restart_policy,
-                # Pods never talk to the Kubernetes API: progress travels through the store.
-                automount_service_account_token=False,
-                enable_service_links=False,
-                node_selector=dict(self.spec.resources.node_selector) or None,
-                security_context=_pod_security_context(),
-                containers=[container],
-                volumes=[
-                    k8s.V1Volume(
-                        name="stage-config",
-                        config_map=k8s.V1ConfigMapVolumeSource(
-                            name=config_map_name(self.name),
-                            items=[k8s.V1KeyToPath(key=CONFIG_FILE, path=CONFIG_FILE)],
-                        ),
-                    ),
-                    k8s.V1Volume(
-                        name="tmp",
-                        empty_dir=k8s.V1EmptyDirVolumeSource(
-                            size_limit=self.spec.resources.scratch
-                        ),
-                    ),
-                    # torch's data loaders and NCCL need more shared memory than a container's
-                    # 64 MiB.
-                    k8s.V1Volume(
-                        name="dshm",
-                        empty_dir=k8s.V1EmptyDirVolumeSource(
-                            medium="Memory", size_limit=self.spec.resources.shared_memory
-                        ),
-                    ),
-                ],
-            ),
-        )
+    ) -> Body:
+        res = self.spec.resources
+        spec = {
+            # Pods never talk to the Kubernetes API: progress travels through the store.
+            "automountServiceAccountToken": False,
+            "containers": [container],
+            "enableServiceLinks": False,
+            "nodeSelector": dict(res.node_selector) or None,
+            "restartPolicy": restart_policy,
+            "securityContext": _pod_security_context(),
+            "volumes": [
+                {
+                    "configMap": {
+                        "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}],
+                        "name": config_map_name(self.name),
+                    },
+                    "name": "stage-config",
+                },
+                _empty_dir("tmp", res.scratch),
+                # torch's data loaders and NCCL need more shared memory than a container's 64 MiB.
+                _empty_dir("dshm", res.shared_memory, medium="Memory"),
+            ],
+        }
+        return {
+            "metadata": {"labels": self.owner.labels(self.stage.name, self.number, role)},
+            "spec": _present(spec),
+        }
 
 
-def pytorch_job(attempt: Attempt) -> dict[str, Any]:
+def pytorch_job(attempt: Attempt) -> Body:
     """The PyTorchJob for one attempt of a distributed stage: 1 Master + (workers - 1) Workers."""
     res = attempt.spec.resources
     command = torchrun_command(attempt.stage.kind.value, res.workers, res.processes_per_worker)
-    port = [k8s.V1ContainerPort(name=PYTORCH_PORT_NAME, container_port=PYTORCH_PORT)]
+    port = [_port(PYTORCH_PORT_NAME, PYTORCH_PORT)]
 
-    def replicas(count: int) -> KubeflowOrgV1ReplicaSpec:
+    def replicas(count: int) -> Body:
         container = attempt.container(PYTORCH_CONTAINER, command, res.gpus_per_worker, port)
-        return KubeflowOrgV1ReplicaSpec(
-            replicas=count,
-            restart_policy="Never",
-            template=attempt.pod_template(container),
-            local_vars_configuration=_KUBEFLOW,
-        )
+        return {
+            "replicas": count,
+            "restartPolicy": "Never",
+            "template": attempt.pod_template(container),
+        }
 
     replica_specs = {"Master": replicas(1)}
     if res.workers > 1:
         replica_specs["Worker"] = replicas(res.workers - 1)
-    job = KubeflowOrgV1PyTorchJob(
-        api_version=PYTORCHJOB_API_VERSION,
-        kind=PYTORCHJOB_KIND,
-        metadata=attempt.metadata(),
-        spec=KubeflowOrgV1PyTorchJobSpec(
-            nproc_per_node=str(res.processes_per_worker),
-            pytorch_replica_specs=replica_specs,
+    return {
+        "apiVersion": PYTORCHJOB_API_VERSION,
+        "kind": PYTORCHJOB_KIND,
+        "metadata": attempt.metadata(),
+        "spec": {
+            "nprocPerNode": str(res.processes_per_worker),
+            "pytorchReplicaSpecs": replica_specs,
             # Retries are ours (a new attempt that resumes from the store), not pod restarts.
-            run_policy=KubeflowOrgV1RunPolicy(
-                backoff_limit=0, clean_pod_policy="Running", local_vars_configuration=_KUBEFLOW
-            ),
-            local_vars_configuration=_KUBEFLOW,
-        ),
-        local_vars_configuration=_KUBEFLOW,
-    )
-    return to_dict(job)
+            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "Running"},
+        },
+    }
 
 
-def _batch_job(
-    attempt: Attempt, container: k8s.V1Container, role: str | None = None
-) -> dict[str, Any]:
-    job = k8s.V1Job(
-        api_version=JOB_API_VERSION,
-        kind=JOB_KIND,
-        metadata=attempt.metadata(),
-        spec=k8s.V1JobSpec(backoff_limit=0, template=attempt.pod_template(container, role)),
-    )
-    return to_dict(job)
+def _batch_job(attempt: Attempt, container: Body, role: str | None = None) -> Body:
+    return {
+        "apiVersion": JOB_API_VERSION,
+        "kind": JOB_KIND,
+        "metadata": attempt.metadata(),
+        "spec": {"backoffLimit": 0, "template": attempt.pod_template(container, role)},
+    }
 
 
-def evaluate_job(attempt: Attempt) -> dict[str, Any]:
+def evaluate_job(attempt: Attempt) -> Body:
     """The batch/v1 Job for one attempt of the single-process `evaluate` stage."""
     gpus = min(attempt.spec.resources.gpus_per_worker, 1)
     command = single_process_command(attempt.stage.kind.value)
@@ -459,11 +433,11 @@ def tune_gpus(tune: TuneSpec, spec: ULMFiTJobSpec) -> int:
     return max(spec.resources.gpus_per_worker, math.ceil(tune.gpus_per_trial))
 
 
-def _dashboard_port() -> list[k8s.V1ContainerPort]:
-    return [k8s.V1ContainerPort(name=DASHBOARD_PORT_NAME, container_port=DASHBOARD_PORT)]
+def _dashboard_port() -> list[Body]:
+    return [_port(DASHBOARD_PORT_NAME, DASHBOARD_PORT)]
 
 
-def tune_job(attempt: Attempt) -> dict[str, Any]:
+def tune_job(attempt: Attempt) -> Body:
     """Backend `pod`: a batch/v1 Job whose one pod starts a Ray head and runs the whole sweep.
 
     Its dashboard listens on the pod's loopback only: the job-submission API behind it has no
@@ -472,8 +446,8 @@ def tune_job(attempt: Attempt) -> dict[str, Any]:
     tune = attempt.stage.config.tune
     assert tune is not None  # a tune stage's config always carries its sweep
     env = [
-        k8s.V1EnvVar(name="ULMFIT_RAY_DASHBOARD_HOST", value="127.0.0.1"),
-        k8s.V1EnvVar(name="ULMFIT_RAY_DASHBOARD_PORT", value=str(DASHBOARD_PORT)),
+        _env("ULMFIT_RAY_DASHBOARD_HOST", "127.0.0.1"),
+        _env("ULMFIT_RAY_DASHBOARD_PORT", str(DASHBOARD_PORT)),
     ]
     container = attempt.container(
         TUNE_CONTAINER,
@@ -485,7 +459,7 @@ def tune_job(attempt: Attempt) -> dict[str, Any]:
     return _batch_job(attempt, container, ROLE_RAY_HEAD)
 
 
-def tune_rayjob(attempt: Attempt) -> dict[str, Any]:
+def tune_rayjob(attempt: Attempt) -> Body:
     """Backend `rayjob`: a KubeRay RayJob; its cluster is a head plus `workers - 1` workers.
 
     KubeRay starts Ray in each pod (from `rayStartParams`), submits the entrypoint to the head
@@ -498,17 +472,17 @@ def tune_rayjob(attempt: Attempt) -> dict[str, Any]:
     """
     res = attempt.spec.resources
     head_ports = [
-        k8s.V1ContainerPort(name="gcs-server", container_port=RAY_GCS_PORT),
-        k8s.V1ContainerPort(name="client", container_port=RAY_CLIENT_PORT),
+        _port("gcs-server", RAY_GCS_PORT),
+        _port("client", RAY_CLIENT_PORT),
         *_dashboard_port(),
     ]
     head = attempt.container(RAY_HEAD_CONTAINER, None, res.gpus_per_worker, head_ports)
     start_params = {"num-cpus": _whole_cpus(res.cpu)}
-    head_group: dict[str, Any] = {
+    head_group: Body = {
         "rayStartParams": {**start_params, "dashboard-host": "0.0.0.0"},
-        "template": to_dict(attempt.pod_template(head, ROLE_RAY_HEAD, restart_policy=None)),
+        "template": attempt.pod_template(head, ROLE_RAY_HEAD, restart_policy=None),
     }
-    ray_cluster: dict[str, Any] = {"headGroupSpec": head_group}
+    ray_cluster: Body = {"headGroupSpec": head_group}
     if res.workers > 1:
         worker = attempt.container(RAY_WORKER_CONTAINER, None, res.gpus_per_worker)
         ray_cluster["workerGroupSpecs"] = [
@@ -518,53 +492,55 @@ def tune_rayjob(attempt: Attempt) -> dict[str, Any]:
                 "minReplicas": res.workers - 1,
                 "maxReplicas": res.workers - 1,
                 "rayStartParams": dict(start_params),
-                "template": to_dict(attempt.pod_template(worker, restart_policy=None)),
+                "template": attempt.pod_template(worker, restart_policy=None),
             }
         ]
     return {
         "apiVersion": RAYJOB_API_VERSION,
         "kind": RAYJOB_KIND,
-        "metadata": to_dict(attempt.metadata()),
+        "metadata": attempt.metadata(),
         "spec": {
             "entrypoint": " ".join(single_process_command(attempt.stage.kind.value)),
             "shutdownAfterJobFinishes": True,
-            "submitterPodTemplate": to_dict(submitter_template(attempt)),
+            "submitterPodTemplate": submitter_template(attempt),
             "rayClusterSpec": ray_cluster,
         },
     }
 
 
-def submitter_template(attempt: Attempt) -> k8s.V1PodTemplateSpec:
+def submitter_template(attempt: Attempt) -> Body:
     """The pod where KubeRay runs `ray job submit` (it fills in the container's command and the
     dashboard address): the trainer image (it has the `ray` CLI), small, non-root."""
     res = attempt.spec.resources
-    container = k8s.V1Container(
-        name="ray-job-submitter",
-        image=res.image,
-        image_pull_policy=res.image_pull_policy,
-        env=[k8s.V1EnvVar(name="HOME", value="/tmp")],
-        resources=k8s.V1ResourceRequirements(
-            requests={"cpu": "100m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "1Gi"}
-        ),
-        volume_mounts=[k8s.V1VolumeMount(name="tmp", mount_path="/tmp")],
-        security_context=_security_context(),
+    container = _present(
+        {
+            "env": [_env("HOME", "/tmp")],
+            "image": res.image,
+            "imagePullPolicy": res.image_pull_policy,
+            "name": "ray-job-submitter",
+            "resources": {
+                "limits": {"cpu": "1", "memory": "1Gi"},
+                "requests": {"cpu": "100m", "memory": "256Mi"},
+            },
+            "securityContext": _security_context(),
+            "volumeMounts": [{"mountPath": "/tmp", "name": "tmp"}],
+        }
     )
-    return k8s.V1PodTemplateSpec(
-        metadata=k8s.V1ObjectMeta(
-            labels=attempt.owner.labels(attempt.stage.name, attempt.number, ROLE_RAY_SUBMITTER)
-        ),
-        spec=k8s.V1PodSpec(
-            restart_policy="Never",
-            automount_service_account_token=False,
-            enable_service_links=False,
-            node_selector=dict(res.node_selector) or None,
-            security_context=_pod_security_context(),
-            containers=[container],
-            volumes=[
-                k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi"))
-            ],
-        ),
-    )
+    spec = {
+        "automountServiceAccountToken": False,
+        "containers": [container],
+        "enableServiceLinks": False,
+        "nodeSelector": dict(res.node_selector) or None,
+        "restartPolicy": "Never",
+        "securityContext": _pod_security_context(),
+        "volumes": [_empty_dir("tmp", "1Gi")],
+    }
+    return {
+        "metadata": {
+            "labels": attempt.owner.labels(attempt.stage.name, attempt.number, ROLE_RAY_SUBMITTER)
+        },
+        "spec": _present(spec),
+    }
 
 
 def _whole_cpus(quantity: str) -> str:
@@ -574,34 +550,39 @@ def _whole_cpus(quantity: str) -> str:
     return str(max(1, math.ceil(float(quantity))))
 
 
-def dashboard_service(owner: Owner) -> dict[str, Any]:
+def _owned_metadata(owner: Owner, name: str, labels: dict[str, str]) -> Body:
+    return {
+        "labels": labels,
+        "name": name,
+        "namespace": owner.namespace,
+        "ownerReferences": [owner.owner_reference()],
+    }
+
+
+def dashboard_service(owner: Owner) -> Body:
     """ClusterIP Service on port 8265 in front of the pod with the Ray head (any attempt's)."""
-    body = k8s.V1Service(
-        api_version="v1",
-        kind=SERVICE_KIND,
-        metadata=k8s.V1ObjectMeta(
-            name=dashboard_service_name(owner.name),
-            namespace=owner.namespace,
-            labels=owner.labels(TUNE_KEY),
-            owner_references=[k8s.V1OwnerReference.model_validate(owner.reference())],
+    return {
+        "apiVersion": "v1",
+        "kind": SERVICE_KIND,
+        "metadata": _owned_metadata(
+            owner, dashboard_service_name(owner.name), owner.labels(TUNE_KEY)
         ),
-        spec=k8s.V1ServiceSpec(
-            type="ClusterIP",
-            selector=owner.labels(TUNE_KEY, role=ROLE_RAY_HEAD),
-            ports=[
-                k8s.V1ServicePort(
-                    name=DASHBOARD_PORT_NAME,
-                    port=DASHBOARD_PORT,
-                    target_port=DASHBOARD_PORT_NAME,
-                    protocol="TCP",
-                )
+        "spec": {
+            "ports": [
+                {
+                    "name": DASHBOARD_PORT_NAME,
+                    "port": DASHBOARD_PORT,
+                    "protocol": "TCP",
+                    "targetPort": DASHBOARD_PORT_NAME,
+                }
             ],
-        ),
-    )
-    return to_dict(body)
+            "selector": owner.labels(TUNE_KEY, role=ROLE_RAY_HEAD),
+            "type": "ClusterIP",
+        },
+    }
 
 
-def network_policy(owner: Owner, s3_port: int, network: PodNetwork) -> dict[str, Any]:
+def network_policy(owner: Owner, s3_port: int, network: PodNetwork) -> Body:
     """The NetworkPolicy around a job's pods (all of them: every stage, attempt and role).
 
     Ingress: from the job's own pods (torchrun's rendezvous, Ray's head and workers, the RayJob
@@ -609,62 +590,45 @@ def network_policy(owner: Owner, s3_port: int, network: PodNetwork) -> dict[str,
     own pods, DNS (port 53, wherever the cluster's resolver is) and the S3 endpoint's port at
     `network.s3_cidrs`. Nothing else: the pods hold the job's S3 keys.
     """
-    own = [
-        k8s.V1NetworkPolicyPeer(
-            pod_selector=k8s.V1LabelSelector(match_labels={LABEL_JOB: owner.name})
-        )
-    ]
-    ingress = [k8s.V1NetworkPolicyIngressRule(_from=own)]
+
+    def own() -> list[Body]:
+        return [{"podSelector": {"matchLabels": {LABEL_JOB: owner.name}}}]
+
+    ingress: list[Body] = [{"from": own()}]
     if network.ray_operator_labels:
         ingress.append(
-            k8s.V1NetworkPolicyIngressRule(
-                _from=[
-                    k8s.V1NetworkPolicyPeer(
-                        namespace_selector=k8s.V1LabelSelector(),
-                        pod_selector=k8s.V1LabelSelector(
-                            match_labels=dict(network.ray_operator_labels)
-                        ),
-                    )
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {},
+                        "podSelector": {"matchLabels": dict(network.ray_operator_labels)},
+                    }
                 ],
-                ports=[k8s.V1NetworkPolicyPort(protocol="TCP", port=DASHBOARD_PORT)],
-            )
+                "ports": [{"port": DASHBOARD_PORT, "protocol": "TCP"}],
+            }
         )
-    egress = [
-        k8s.V1NetworkPolicyEgressRule(to=own),
-        k8s.V1NetworkPolicyEgressRule(
-            ports=[
-                k8s.V1NetworkPolicyPort(protocol="UDP", port=53),
-                k8s.V1NetworkPolicyPort(protocol="TCP", port=53),
-            ]
-        ),
+    egress: list[Body] = [
+        {"to": own()},
+        {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
     ]
     if network.s3_cidrs:
         egress.append(
-            k8s.V1NetworkPolicyEgressRule(
-                to=[
-                    k8s.V1NetworkPolicyPeer(ip_block=k8s.V1IPBlock(cidr=cidr))
-                    for cidr in network.s3_cidrs
-                ],
-                ports=[k8s.V1NetworkPolicyPort(protocol="TCP", port=s3_port)],
-            )
+            {
+                "ports": [{"port": s3_port, "protocol": "TCP"}],
+                "to": [{"ipBlock": {"cidr": cidr}} for cidr in network.s3_cidrs],
+            }
         )
-    body = k8s.V1NetworkPolicy(
-        api_version=NETWORKPOLICY_API_VERSION,
-        kind=NETWORKPOLICY_KIND,
-        metadata=k8s.V1ObjectMeta(
-            name=network_policy_name(owner.name),
-            namespace=owner.namespace,
-            labels=owner.labels(),
-            owner_references=[k8s.V1OwnerReference.model_validate(owner.reference())],
-        ),
-        spec=k8s.V1NetworkPolicySpec(
-            pod_selector=k8s.V1LabelSelector(match_labels={LABEL_JOB: owner.name}),
-            policy_types=["Ingress", "Egress"],
-            ingress=ingress,
-            egress=egress,
-        ),
-    )
-    return to_dict(body)
+    return {
+        "apiVersion": NETWORKPOLICY_API_VERSION,
+        "kind": NETWORKPOLICY_KIND,
+        "metadata": _owned_metadata(owner, network_policy_name(owner.name), owner.labels()),
+        "spec": {
+            "egress": egress,
+            "ingress": ingress,
+            "podSelector": {"matchLabels": {LABEL_JOB: owner.name}},
+            "policyTypes": ["Ingress", "Egress"],
+        },
+    }
 
 
 def tune_backend(stage: PlannedStage, rayjob_available: bool) -> TuneBackend:
@@ -676,7 +640,7 @@ def tune_backend(stage: PlannedStage, rayjob_available: bool) -> TuneBackend:
     return wanted
 
 
-def child_workload(attempt: Attempt, backend: TuneBackend = TuneBackend.POD) -> dict[str, Any]:
+def child_workload(attempt: Attempt, backend: TuneBackend = TuneBackend.POD) -> Body:
     """The child workload of one attempt (`backend` only matters to a tune stage)."""
     if attempt.stage.kind == StageName.TUNE:
         build = tune_rayjob if backend == TuneBackend.RAYJOB else tune_job

@@ -4,7 +4,8 @@ Watch events only update the `View` and queue the job (no I/O on kopf's loop). A
 job off the `WorkQueue`, reads what `reconcile.reconcile` asks for from the store, and applies
 its decision: create/stop/delete children, one status patch (with the resourceVersion read, so a
 stale view cannot overwrite a newer status), then events. A resync tick re-queues every
-unfinished job so store-side progress is seen without any Kubernetes event. Reconcile gets the
+unfinished job so store-side progress is seen without any Kubernetes event (in the queue's resync
+lane: what a watch event queued is handed out first). Reconcile gets the
 settings' `JobPolicy`, so a job naming an S3 endpoint or trainer image they do not allow fails
 before the store is read or a child is created. Only the leader (`is_leader`) reconciles, and a
 worker checks again before each write (a leader that could not renew stops writing at once); a
@@ -136,6 +137,9 @@ class Controller:
         self.view = View()
         self.queue = WorkQueue()
         self._written: dict[Key, str] = {}
+        self._patching: dict[Key, list[str | None]] = {}
+        """Jobs whose status patch is in flight -> the resourceVersions their watch events
+        brought meanwhile (which may be that patch's own: decided once it returns)."""
         self._written_lock = threading.Lock()
         self.is_leader: Callable[[], bool] = lambda: True
         self.rayjob_available = False
@@ -158,8 +162,13 @@ class Controller:
                 self._written.pop(key, None)
             return
         self.view.put_job(body)
+        version = meta.get("resourceVersion")
         with self._written_lock:
-            ours = self._written.get(key) == meta.get("resourceVersion")
+            seen = self._patching.get(key)
+            if seen is not None:  # our patch's own event may beat its answer: wait for it
+                seen.append(version)
+                return
+            ours = self._written.get(key) == version
         if not ours:  # our own status patch needs no second look
             self.queue.add(key)
 
@@ -206,13 +215,14 @@ class Controller:
                     self.view.put_child(child)
 
     def resync(self) -> None:
+        # The resync lane: keys a watch event adds (new jobs, children that changed) go first.
         for key in self.view.job_keys():
             if self.view.state(key) not in FINISHED:
-                self.queue.add(key)
+                self.queue.add(key, resync=True)
 
     def requeue_all(self) -> None:
         for key in self.view.job_keys():
-            self.queue.add(key)
+            self.queue.add(key, resync=True)
 
     # -- workers
 
@@ -357,12 +367,10 @@ class Controller:
         try:
             if not self.is_leader():
                 return
-            updated = self.kube.merge_patch(job_ref(*key), patch, sub="status")
+            updated = self._patch_status(key, patch)
         except Exception as failure:  # a 409 or the API server down: the next retry says it
             log.warning("could not report the store outage on %s/%s: %s", *key, failure)
             return
-        with self._written_lock:
-            self._written[key] = updated["metadata"]["resourceVersion"]
         if self.view.job(key) is not None:
             self.view.put_job(updated)
         involved = {
@@ -371,6 +379,25 @@ class Controller:
         self._events.submit(
             self._post_event, involved, Event("Warning", error.reason, error.message)
         )
+
+    def _patch_status(self, key: Key, patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch the job's status, remembering the resourceVersion it made: the watch
+        event of our own write queues no second reconcile, whichever arrives first (the event
+        or the answer); any other event seen meanwhile queues the job as usual."""
+        with self._written_lock:
+            self._patching[key] = []
+        updated: dict[str, Any] | None = None
+        try:
+            updated = self.kube.merge_patch(job_ref(*key), patch, sub="status")
+            return updated
+        finally:
+            version = updated["metadata"]["resourceVersion"] if updated is not None else None
+            with self._written_lock:
+                seen = self._patching.pop(key, [])
+                if version is not None:
+                    self._written[key] = version
+            if any(other != version for other in seen):
+                self.queue.add(key)
 
     def _refresh(self, key: Key) -> None:
         try:
@@ -429,7 +456,7 @@ class Controller:
                 "status": merge_patch_for(job.get("status") or {}, decision.status),
             }
             try:
-                updated = self.kube.merge_patch(job_ref(*key), patch, sub="status")
+                updated = self._patch_status(key, patch)
             except ApiException as error:
                 if error.status == 409:
                     raise Conflict() from error
@@ -437,8 +464,6 @@ class Controller:
                     self.view.drop_job(key)
                     return
                 raise
-            with self._written_lock:
-                self._written[key] = updated["metadata"]["resourceVersion"]
             if self.view.job(key) is not None:
                 self.view.put_job(updated)
             for stage, seconds in decision.completed_stages:

@@ -3,6 +3,10 @@
 A key is queued once however often it is added, and handed to one worker at a time; a key added
 while it is being processed comes back once that worker is done. Keys can wait (`add_after`) and
 back off per key on failures (`add_rate_limited`, doubling up to a cap, reset by `forget`).
+
+Two lanes: keys a watch event (or a due timer) adds are handed out before the keys a periodic
+resync adds (`add(key, resync=True)`), so a burst of new jobs does not wait behind a re-look at
+every job the operator already has; a resync key that an event adds moves to the event lane.
 """
 
 from __future__ import annotations
@@ -21,7 +25,11 @@ class WorkQueue:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._queue: deque[Key] = deque()
-        self._dirty: set[Key] = set()
+        """The event lane."""
+        self._resync: deque[Key] = deque()
+        """The resync lane (may hold keys since moved to the event lane: skipped)."""
+        self._dirty: dict[Key, bool] = {}
+        """Keys waiting to be handed out -> whether they wait in the resync lane."""
         self._processing: set[Key] = set()
         self._delayed: list[tuple[float, int, Key]] = []
         self._counter = 0
@@ -30,13 +38,21 @@ class WorkQueue:
         self._timer = threading.Thread(target=self._release_delayed, daemon=True, name="requeue")
         self._timer.start()
 
-    def add(self, key: Key) -> None:
+    def add(self, key: Key, resync: bool = False) -> None:
         with self._cond:
-            if self._closed or key in self._dirty:
+            if self._closed:
                 return
-            self._dirty.add(key)
+            waiting = self._dirty.get(key)
+            if waiting is not None:
+                if waiting and not resync:  # an event for a key waiting for the resync lane
+                    self._dirty[key] = False
+                    if key not in self._processing:
+                        self._queue.append(key)
+                        self._cond.notify_all()
+                return
+            self._dirty[key] = resync
             if key not in self._processing:
-                self._queue.append(key)
+                (self._resync if resync else self._queue).append(key)
                 self._cond.notify_all()
 
     def add_after(self, key: Key, delay: float) -> None:
@@ -62,25 +78,39 @@ class WorkQueue:
 
     def get(self) -> Key | None:
         with self._cond:
-            while not self._queue and not self._closed:
+            while True:
+                if self._closed:
+                    return None
+                key = self._next()
+                if key is not None:
+                    self._processing.add(key)
+                    del self._dirty[key]
+                    return key
                 self._cond.wait()
-            if self._closed:
-                return None
+
+    def _next(self) -> Key | None:
+        """The next key to hand out, event lane first (under the lock)."""
+        while self._queue:
             key = self._queue.popleft()
-            self._processing.add(key)
-            self._dirty.discard(key)
-            return key
+            if self._dirty.get(key) is False and key not in self._processing:
+                return key
+        while self._resync:
+            key = self._resync.popleft()
+            if self._dirty.get(key) is True and key not in self._processing:
+                return key
+        return None
 
     def done(self, key: Key) -> None:
         with self._cond:
             self._processing.discard(key)
-            if key in self._dirty:
-                self._queue.append(key)
+            resync = self._dirty.get(key)
+            if resync is not None:
+                (self._resync if resync else self._queue).append(key)
                 self._cond.notify_all()
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._queue)
+            return len(self._dirty) - sum(1 for key in self._processing if key in self._dirty)
 
     def close(self) -> None:
         with self._cond:

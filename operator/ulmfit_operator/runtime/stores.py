@@ -36,6 +36,9 @@ class StoreReader:
     SESSION_TOKEN_ENV = "AWS_SESSION_TOKEN"
     CACHE_SIZE = 8
     """Clients kept: a cluster's jobs usually share one or two stores."""
+    CONNECTIONS = 36
+    """Kept-alive connections of each store's client: the reconcile workers (16 by default)
+    share it, and a request finding the pool full opens a connection it then drops."""
 
     def __init__(
         self,
@@ -69,6 +72,10 @@ class StoreReader:
                 "retry_base_delay": 0.2,
                 "retry_max_delay": 1.0,
                 "timeout_seconds": 10.0,
+                # The operator never uploads: the transfer settings only size the client's
+                # connection pool (files x uploads + 4).
+                "parallel_files": 1,
+                "parallel_uploads": self.CONNECTIONS - 4,
             }
         )
         with self._lock:
