@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -371,14 +371,7 @@ class Controller:
         except Exception as failure:  # a 409 or the API server down: the next retry says it
             log.warning("could not report the store outage on %s/%s: %s", *key, failure)
             return
-        if self.view.job(key) is not None:
-            self.view.put_job(updated)
-        involved = {
-            "metadata": {k: updated["metadata"].get(k) for k in ("name", "namespace", "uid")}
-        }
-        self._events.submit(
-            self._post_event, involved, Event("Warning", error.reason, error.message)
-        )
+        self._status_written(key, updated, [Event("Warning", error.reason, error.message)])
 
     def _patch_status(self, key: Key, patch: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch the job's status, remembering the resourceVersion it made: the watch
@@ -464,19 +457,23 @@ class Controller:
                     self.view.drop_job(key)
                     return
                 raise
-            if self.view.job(key) is not None:
-                self.view.put_job(updated)
             for stage, seconds in decision.completed_stages:
                 self.metrics.stage_seconds.labels(stage).observe(seconds)
             # Events follow the status they describe: no status change, no event (so a
             # decision repeated from a stale view does not announce the same thing twice).
-            # Only what the event names, not the whole job, waits in the event queue.
-            involved = {
-                "metadata": {k: updated["metadata"].get(k) for k in ("name", "namespace", "uid")}
-            }
-            for event in decision.events:
-                self._events.submit(self._post_event, involved, event)
+            self._status_written(key, updated, decision.events)
         self.view.set_state(key, decision.state)
+
+    def _status_written(self, key: Key, updated: dict[str, Any], events: Sequence[Event]) -> None:
+        """After a status patch: the view gets the job as written, then the events are posted.
+        Only what an event names, not the whole job, waits in the event queue."""
+        if self.view.job(key) is not None:
+            self.view.put_job(updated)
+        involved = {
+            "metadata": {k: updated["metadata"].get(k) for k in ("name", "namespace", "uid")}
+        }
+        for event in events:
+            self._events.submit(self._post_event, involved, event)
 
 
 def _store_readable(
