@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 from ulmfit_trainer.config import (
+    DNS_LABEL,
     DataSpec,
     DeepSpeedSpec,
     HeadKind,
@@ -93,6 +94,11 @@ class RunPolicySpec(WireModel):
     suspend: bool = False
     """Suspend the job: running children are deleted, checkpoints kept; set back to false to
     resume from the last checkpoint."""
+    pending_deadline_seconds: Annotated[int, Field(ge=30)] | None = 900
+    """An attempt whose pods have not all started this many seconds after it was created (or,
+    under a queue, admitted) is stopped and counted against `backoffLimit`: an unschedulable pod,
+    an image that cannot be pulled, a missing Secret. The pods' own reasons go into the stage's
+    message and an Event. Time spent waiting in a queue does not count. null: wait forever."""
 
 
 class ULMFiTJobSpec(WireModel):
@@ -116,6 +122,13 @@ class ULMFiTJobSpec(WireModel):
     """Retries, deadlines, suspension and clean-up."""
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
     """Seed for sampling, shuffling and initialization: the same spec trains the same model."""
+    queue_name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] | None = (
+        None
+    )
+    """Kueue LocalQueue (in the job's namespace) that admits this job's children: each is
+    created suspended with the `kueue.x-k8s.io/queue-name` label and starts when Kueue admits it;
+    while it waits it counts against no deadline or retry. The same label on the ULMFiTJob
+    itself works too. Default: no queue, children start at once."""
 
     @model_validator(mode="after")
     def _sequences_fit_the_model(self) -> ULMFiTJobSpec:
@@ -194,6 +207,19 @@ class ULMFiTJob(WireModel):
         """
         run = f"{self.metadata.namespace}/{self.metadata.name}"
         return f"{run}/{self.metadata.uid}" if self.metadata.uid else run
+
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""Kueue's label naming the LocalQueue that admits a workload."""
+
+
+def queue_name(spec: ULMFiTJobSpec, labels: Mapping[str, str] | None) -> str | None:
+    """The Kueue LocalQueue for the job's children: `spec.queueName`, else the job's own
+    `kueue.x-k8s.io/queue-name` label; None when the job is not queued."""
+    if spec.queue_name:
+        return spec.queue_name
+    label = (labels or {}).get(KUEUE_QUEUE_LABEL)
+    return label or None
 
 
 class StageState(StrEnum):
