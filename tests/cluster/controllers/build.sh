@@ -6,10 +6,12 @@
 #                      PyTorchJob CRD: DIR/training-operator, DIR/crds/kubeflow.org_pytorchjobs.yaml
 #   kuberay            the KubeRay operator, with the ray.io CRDs it watches:
 #                      DIR/ray-operator, DIR/crds/ray.io_{rayclusters,rayjobs,rayservices}.yaml
+#   kueue              the Kueue controller-manager (job queueing and quota admission), with
+#                      all its kueue.x-k8s.io CRDs: DIR/kueue, DIR/crds/kueue.x-k8s.io_*.yaml
 #   coredns            CoreDNS with only the cluster-DNS plugins, no forwarding (wrapper module in
 #                      ./coredns: the plugin list is in its main.go): DIR/coredns
 #
-#   bash tests/cluster/controllers/build.sh [COMPONENT...]    # default: all three
+#   bash tests/cluster/controllers/build.sh [COMPONENT...]    # default: all four
 #
 # Output: stdout carries exactly one line per requested component, in the order asked for,
 #
@@ -21,15 +23,17 @@
 # with everything cached starts no go command). The coredns directory name also carries a hash
 # of the wrapper module's files, so editing its plugin list builds a new one.
 #
-# Versions: the two operators below; CoreDNS in coredns/go.mod. Needs Go >= 1.21 (an older `go`,
-# or none, is handled the same way as in tests/controlplane/build.sh) and the Go module proxy.
+# Versions: the three controllers below; CoreDNS in coredns/go.mod. Needs Go >= 1.21 (an older
+# `go`, or none, is handled the same way as in tests/controlplane/build.sh) and the Go module
+# proxy. Kueue's go.mod asks for Go 1.25; an older go >= 1.21 fetches that toolchain itself.
 set -euo pipefail
 
 training_operator_version="v1.8.1" # github.com/kubeflow/training-operator
 kuberay_version="v1.5.0"           # github.com/ray-project/kuberay/ray-operator
+kueue_version="v0.17.0"            # sigs.k8s.io/kueue
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-all_components=(training-operator kuberay coredns)
+all_components=(training-operator kuberay kueue coredns)
 
 log() { printf 'controllers: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -45,6 +49,7 @@ output_dir() {
 	case $1 in
 	training-operator) echo "$cache_root/training-operator-$training_operator_version" ;;
 	kuberay) echo "$cache_root/kuberay-$kuberay_version" ;;
+	kueue) echo "$cache_root/kueue-$kueue_version" ;;
 	coredns)
 		local sum
 		sum="$(cd "$here/coredns" && cat go.mod go.sum main.go | sha256sum)"
@@ -56,6 +61,7 @@ binary() {
 	case $1 in
 	training-operator) echo training-operator ;;
 	kuberay) echo ray-operator ;;
+	kueue) echo kueue ;;
 	coredns) echo coredns ;;
 	esac
 }
@@ -64,7 +70,7 @@ requested=("$@")
 [[ ${#requested[@]} -gt 0 ]] || requested=("${all_components[@]}")
 for name in "${requested[@]}"; do
 	case $name in
-	training-operator | kuberay | coredns) ;;
+	training-operator | kuberay | kueue | coredns) ;;
 	*) die "unknown component '$name' (known: ${all_components[*]})" ;;
 	esac
 done
@@ -88,7 +94,7 @@ go_flags=(-trimpath -ldflags "-s -w")
 
 # go_install PACKAGE@VERSION DEST: build one main package of a published module into the file
 # DEST. `go install pkg@version` builds it with the module's own go.mod (no replace directives
-# in the two used here) and ignores any module in the current directory.
+# in the three used here) and ignores any module in the current directory.
 go_install() {
 	local bin_dir="$work/.bin"
 	GOBIN="$bin_dir" "$GO" install "${go_flags[@]}" "$1"
@@ -126,6 +132,22 @@ build_kuberay() {
 	copy_crds "$dir/config/crd/bases" "$work/crds" \
 		ray.io_rayclusters.yaml ray.io_rayjobs.yaml ray.io_rayservices.yaml
 	check_help "$work/ray-operator" -use-kubernetes-proxy
+}
+
+build_kueue() {
+	local module=sigs.k8s.io/kueue dir crd
+	go_install "$module/cmd/kueue@$kueue_version" "$work/kueue"
+	# All of them, not just the queue kinds the tests create: with its default feature gates the
+	# manager also watches cohorts, admission checks, topologies and the MultiKueue kinds, and a
+	# watch on a kind the API server does not serve keeps it from starting.
+	dir="$(module_dir "$GO" "$module@$kueue_version")"
+	local crds=()
+	for crd in "$dir"/config/components/crd/bases/kueue.x-k8s.io_*.yaml; do
+		crds+=("$(basename "$crd")")
+	done
+	[[ ${#crds[@]} -gt 0 ]] || die "no kueue.x-k8s.io CRDs in $dir"
+	copy_crds "$dir/config/components/crd/bases" "$work/crds" "${crds[@]}"
+	check_help "$work/kueue" -config
 }
 
 build_coredns() {
