@@ -27,6 +27,12 @@ from ulmfit_trainer.config import (
 )
 from ulmfit_trainer.errors import InvalidSpec
 
+from ulmfit_operator.pod_overrides import (
+    DNS_SUBDOMAIN,
+    QUANTITY_PATTERN,
+    PodTemplateOverrides,
+)
+
 GROUP = "ulmfit.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -37,8 +43,24 @@ SHORT_NAMES = ["ulmfit", "uj"]
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/ulmfit-operator/trainer:0.1.0"
 
-# Kubernetes quantities: plain or suffixed numbers such as "500m", "2", "8Gi".
-QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+
+class SchedulingPolicy(WireModel):
+    """Gang scheduling of a distributed stage (the PyTorchJob's `runPolicy.schedulingPolicy`,
+    read by the Training Operator when it runs with a gang scheduler: Volcano or the
+    scheduler-plugins coscheduler; set `resources.podTemplate.schedulerName` to match). A stage
+    then starts all its pods or none: no half-started rendezvous holding GPUs."""
+
+    min_available: Annotated[int, Field(ge=1, le=1024)] | None = None
+    """Pods that must be placed together before any starts. Default: all of the stage's pods
+    (`resources.workers`), which torchrun's static rendezvous needs; at most that."""
+    queue: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)] | None = None
+    """The gang scheduler's queue (a Volcano Queue). Not Kueue's: that is `spec.queueName`."""
+    priority_class: (
+        Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)] | None
+    ) = None
+    """The PriorityClass of the pod group."""
+    schedule_timeout_seconds: Annotated[int, Field(ge=1, le=2_147_483_647)] | None = None
+    """How long the scheduler tries to place the whole group before giving up (seconds)."""
 
 
 class ResourcesSpec(WireModel):
@@ -66,6 +88,9 @@ class ResourcesSpec(WireModel):
     shared_memory: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "2Gi"
     """Size limit of each pod's `/dev/shm` (memory-backed, so it counts against `memory`):
     torch's data loaders, NCCL and Ray's object store use it."""
+    pod_template: PodTemplateOverrides | None = None
+    """Labels, annotations, tolerations, affinity, priority, scheduler, ServiceAccount, image pull
+    secrets, volumes and env added to every pod of the job (see `PodTemplateOverrides`)."""
 
     @model_validator(mode="after")
     def _processes_fit_gpus(self) -> ResourcesSpec:
@@ -99,6 +124,9 @@ class RunPolicySpec(WireModel):
     under a queue, admitted) is stopped and counted against `backoffLimit`: an unschedulable pod,
     an image that cannot be pulled, a missing Secret. The pods' own reasons go into the stage's
     message and an Event. Time spent waiting in a queue does not count. null: wait forever."""
+    scheduling_policy: SchedulingPolicy | None = None
+    """Gang scheduling of the distributed stages (all pods or none). Default: none, each pod is
+    scheduled on its own."""
 
 
 class ULMFiTJobSpec(WireModel):
@@ -122,9 +150,7 @@ class ULMFiTJobSpec(WireModel):
     """Retries, deadlines, suspension and clean-up."""
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
     """Seed for sampling, shuffling and initialization: the same spec trains the same model."""
-    queue_name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] | None = (
-        None
-    )
+    queue_name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)] | None = None
     """Kueue LocalQueue (in the job's namespace) that admits this job's children: each is
     created suspended with the `kueue.x-k8s.io/queue-name` label and starts when Kueue admits it;
     while it waits it counts against no deadline or retry. The same label on the ULMFiTJob
@@ -154,6 +180,31 @@ class ULMFiTJobSpec(WireModel):
                 raise ValueError(
                     f"{field} '{head.value}' needs a causal LM, but model.family is "
                     f"'{family.value}': use the concat, attention or hierarchical head"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _gang_fits_the_workers(self) -> ULMFiTJobSpec:
+        gang = self.run_policy.scheduling_policy
+        workers = self.resources.workers
+        if gang is not None and gang.min_available is not None and gang.min_available > workers:
+            raise ValueError(
+                f"runPolicy.schedulingPolicy.minAvailable {gang.min_available} exceeds "
+                f"resources.workers {workers}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _env_leaves_the_credentials(self) -> ULMFiTJobSpec:
+        pod, s3 = self.resources.pod_template, self.storage.s3
+        if pod is None or s3 is None:
+            return self
+        credentials = (s3.access_key_env, s3.secret_key_env, s3.session_token_env)
+        for variable in pod.env:
+            if variable.name in credentials:
+                raise ValueError(
+                    f"resources.podTemplate.env: name '{variable.name}' is the S3 credential "
+                    "variable of storage.s3"
                 )
         return self
 

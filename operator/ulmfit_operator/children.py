@@ -75,15 +75,24 @@ class Child:
     stopped: str | None = None
     """The reason the operator stopped this attempt (it counts as failed)."""
     resource_version: str = ""
+    resumed: datetime | None = None
+    """When it was last unsuspended (a queue admitted it), if its controller says so."""
 
     @property
     def active(self) -> bool:
-        """Still working on the stage: neither finished, nor stopped, nor going away."""
+        """Still working on the stage, or waiting to: neither finished, nor stopped, nor going
+        away."""
         return (
             not self.deleting
             and self.stopped is None
-            and self.phase in (ChildPhase.PENDING, ChildPhase.RUNNING)
+            and self.phase in (ChildPhase.PENDING, ChildPhase.RUNNING, ChildPhase.SUSPENDED)
         )
+
+    @property
+    def waiting(self) -> bool:
+        """Suspended by someone else (a queue such as Kueue holds it until it admits it): the
+        attempt waits; it has neither failed nor started."""
+        return self.active and self.phase == ChildPhase.SUSPENDED
 
     @property
     def ref(self) -> ChildRef:
@@ -181,7 +190,20 @@ def observe_child(body: dict[str, Any]) -> Child | None:
         deleting=bool(meta.get("deletionTimestamp")),
         stopped=annotations.get(ANNOTATION_STOPPED),
         resource_version=str(meta.get("resourceVersion", "")),
+        resumed=_resumed_at(status),
     )
+
+
+def _resumed_at(status: dict[str, Any]) -> datetime | None:
+    """The time a `Suspended` condition last turned False (PyTorchJob and batch Job alike)."""
+    for condition in status.get("conditions") or []:
+        if (
+            isinstance(condition, dict)
+            and condition.get("type") == "Suspended"
+            and condition.get("status") == "False"
+        ):
+            return parse_time(condition.get("lastTransitionTime"))
+    return None
 
 
 def _rayjob_phase(spec: dict[str, Any], status: dict[str, Any]) -> tuple[ChildPhase, str]:

@@ -21,7 +21,26 @@ import yaml
 from pydantic import BaseModel
 from ulmfit_trainer.config import BLANK, S3_OBJECT_URI, S3_URI_SHAPE, TUNABLE
 
-from ulmfit_operator.api import GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION, ULMFiTJobSpec
+from ulmfit_operator.api import (
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    ULMFiTJobSpec,
+)
+from ulmfit_operator.pod_overrides import (
+    INTEGER,
+    LABEL_KEY,
+    OPERATOR_ENV,
+    OPERATOR_ENV_PREFIXES,
+    OPERATOR_LABEL_PREFIX,
+    OPERATOR_LABELS,
+    OPERATOR_MOUNT_PATHS,
+    OPERATOR_VOLUMES,
+    SEALED_MOUNT_PATHS,
+)
 from ulmfit_operator.status import ULMFiTJobStatus
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -77,6 +96,69 @@ def _s3_uri_rule(validator: str, field: str, *, optional: bool) -> CelRule:
     )
 
 
+def _cel_list(values: typing.Iterable[str]) -> str:
+    return "[" + ", ".join(f"'{value}'" for value in values) + "]"
+
+
+def _unique_rule(validator: str, field: str, key: str) -> CelRule:
+    """Every item of the list `field` has its own `key`."""
+    items = f"self.{field}"
+    duplicate = f"{items}.filter(a, {items}.filter(b, b.{key} == a.{key}).size() > 1)[0].{key}"
+    return CelRule(
+        validator=validator,
+        rule=f"{items}.all(a, {items}.filter(b, b.{key} == a.{key}).size() == 1)",
+        message_expression=(
+            f"'{field}: {key} \\'%s\\' appears more than once'.format([{duplicate}])"
+        ),
+        message=f"{field}: each {key} once",
+        field_path=f".{field}",
+    )
+
+
+def _label_keys_rule(validator: str, field: str) -> CelRule:
+    bad = f"!(size(k) <= 317 && k.matches({_cel_regex(LABEL_KEY)}))"
+    return CelRule(
+        validator=validator,
+        rule=f"self.{field}.all(k, size(k) <= 317 && k.matches({_cel_regex(LABEL_KEY)}))",
+        message_expression=(
+            f"'{field}: key \\'%s\\' is not a valid key: an optional DNS-subdomain prefix and"
+            " \\'/\\', then at most 63 alphanumerics, \\'-\\', \\'_\\' or \\'.\\''"
+            f".format([self.{field}.filter(k, {bad})[0]])"
+        ),
+        message=f"{field}: a key is not a valid label key",
+        field_path=f".{field}",
+    )
+
+
+def _requirement_rules(validator: str) -> list[CelRule]:
+    return [
+        CelRule(
+            validator=validator,
+            rule="!(self.operator in ['In', 'NotIn']) || size(self.values) > 0",
+            message_expression="'operator %s needs at least one value'.format([self.operator])",
+            message="operators In and NotIn need at least one value",
+        ),
+        CelRule(
+            validator=validator,
+            rule="!(self.operator in ['Exists', 'DoesNotExist']) || size(self.values) == 0",
+            message_expression=(
+                "'operator %s takes no values (got %d)'.format([self.operator, size(self.values)])"
+            ),
+            message="operators Exists and DoesNotExist take no values",
+        ),
+    ]
+
+
+_OPERATOR_ENV_RULE = " && ".join(
+    [f"!(self.name in {_cel_list(OPERATOR_ENV)})"]
+    + [f"!self.name.startsWith('{prefix}')" for prefix in OPERATOR_ENV_PREFIXES]
+)
+_CREDENTIALS = (
+    "[self.storage.s3.accessKeyEnv, self.storage.s3.secretKeyEnv, self.storage.s3.sessionTokenEnv]"
+)
+_OPERATOR_LABEL = f"(k.startsWith('{OPERATOR_LABEL_PREFIX}') || k in {_cel_list(OPERATOR_LABELS)})"
+
+
 # Keyed by model class name: the rules attach to that model's object schema wherever it appears.
 # Every field has a default, so after defaulting the fields these rules read are always present.
 CEL_RULES: dict[str, list[CelRule]] = {
@@ -126,6 +208,32 @@ CEL_RULES: dict[str, list[CelRule]] = {
                 ".format([self.deepspeed.precision, self.resources.gpusPerWorker])"
             ),
             message="deepspeed.precision fp16 needs GPUs (resources.gpusPerWorker above 0)",
+        ),
+        CelRule(
+            validator="ULMFiTJobSpec._gang_fits_the_workers",
+            rule=(
+                "!has(self.runPolicy.schedulingPolicy)"
+                " || !has(self.runPolicy.schedulingPolicy.minAvailable)"
+                " || self.runPolicy.schedulingPolicy.minAvailable <= self.resources.workers"
+            ),
+            message_expression=(
+                "'runPolicy.schedulingPolicy.minAvailable %d exceeds resources.workers %d'"
+                ".format([self.runPolicy.schedulingPolicy.minAvailable, self.resources.workers])"
+            ),
+            message="runPolicy.schedulingPolicy.minAvailable exceeds resources.workers",
+        ),
+        CelRule(
+            validator="ULMFiTJobSpec._env_leaves_the_credentials",
+            rule=(
+                "!has(self.resources.podTemplate) || !has(self.storage.s3)"
+                f" || self.resources.podTemplate.env.all(e, !(e.name in {_CREDENTIALS}))"
+            ),
+            message_expression=(
+                "'resources.podTemplate.env: name \\'%s\\' is the S3 credential variable of"
+                " storage.s3'.format([self.resources.podTemplate.env"
+                f".filter(e, e.name in {_CREDENTIALS})[0].name])"
+            ),
+            message="resources.podTemplate.env names an S3 credential variable of storage.s3",
         ),
     ],
     "DataSpec": [
@@ -239,6 +347,163 @@ CEL_RULES: dict[str, list[CelRule]] = {
             message="cannot tune this field",
         ),
     ],
+    "Toleration": [
+        CelRule(
+            validator="Toleration._consistent",
+            rule="!has(self.value) || self.value == '' || self.operator != 'Exists'",
+            message_expression=(
+                "'value \\'%s\\' must be empty when operator is Exists'.format([self.value])"
+            ),
+            message="value must be empty when operator is Exists",
+        ),
+        CelRule(
+            validator="Toleration._consistent",
+            rule="(has(self.key) && self.key != '') || self.operator == 'Exists'",
+            message_expression=(
+                "'operator \\'%s\\' needs a key: an empty key needs Exists'.format([self.operator])"
+            ),
+            message="an empty key needs operator Exists",
+        ),
+        CelRule(
+            validator="Toleration._consistent",
+            rule="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message_expression=(
+                "'tolerationSeconds %d needs effect NoExecute (got %s)'"
+                ".format([self.tolerationSeconds, has(self.effect) ? self.effect : 'None'])"
+            ),
+            message="tolerationSeconds needs effect NoExecute",
+        ),
+    ],
+    "NodeSelectorRequirement": [
+        *_requirement_rules("NodeSelectorRequirement._values_fit_operator"),
+        CelRule(
+            validator="NodeSelectorRequirement._values_fit_operator",
+            rule=(
+                "!(self.operator in ['Gt', 'Lt'])"
+                f" || (size(self.values) == 1 && self.values[0].matches({_cel_regex(INTEGER)}))"
+            ),
+            message_expression=(
+                "'operator %s needs exactly one integer value'.format([self.operator])"
+            ),
+            message="operators Gt and Lt need exactly one integer value",
+        ),
+    ],
+    "LabelSelectorRequirement": _requirement_rules("LabelSelectorRequirement._values_fit_operator"),
+    "EnvVarSource": [
+        CelRule(
+            validator="EnvVarSource._exactly_one",
+            rule=(
+                "[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef)]"
+                ".filter(x, x).size() == 1"
+            ),
+            message_expression="'give exactly one of secretKeyRef, configMapKeyRef, fieldRef'",
+            message="give exactly one of secretKeyRef, configMapKeyRef, fieldRef",
+        ),
+    ],
+    "EnvVar": [
+        CelRule(
+            validator="EnvVar._one_value",
+            rule=_OPERATOR_ENV_RULE,
+            message_expression="'name \\'%s\\' is set by the operator'.format([self.name])",
+            message="this variable is set by the operator",
+            field_path=".name",
+        ),
+        CelRule(
+            validator="EnvVar._one_value",
+            rule="!has(self.value) || !has(self.valueFrom)",
+            message_expression=(
+                "'variable \\'%s\\': give value or valueFrom, not both'.format([self.name])"
+            ),
+            message="give value or valueFrom, not both",
+        ),
+    ],
+    "EnvFromSource": [
+        CelRule(
+            validator="EnvFromSource._exactly_one",
+            rule="has(self.secretRef) != has(self.configMapRef)",
+            message_expression="'give exactly one of secretRef, configMapRef'",
+            message="give exactly one of secretRef, configMapRef",
+        ),
+    ],
+    "Volume": [
+        CelRule(
+            validator="Volume._one_source",
+            rule=f"!(self.name in {_cel_list(OPERATOR_VOLUMES)})",
+            message_expression=(
+                "'name \\'%s\\' is the operator\\'s own volume'.format([self.name])"
+            ),
+            message="this name is the operator's own volume",
+            field_path=".name",
+        ),
+        CelRule(
+            validator="Volume._one_source",
+            rule=(
+                "[has(self.persistentVolumeClaim), has(self.configMap), has(self.secret),"
+                " has(self.emptyDir)].filter(x, x).size() == 1"
+            ),
+            message_expression=(
+                "'volume \\'%s\\': give exactly one of persistentVolumeClaim, configMap, secret,"
+                " emptyDir'.format([self.name])"
+            ),
+            message="give exactly one of persistentVolumeClaim, configMap, secret, emptyDir",
+        ),
+    ],
+    "VolumeMount": [
+        CelRule(
+            validator="VolumeMount._path_is_free",
+            rule=(
+                f"!{_cel_list(OPERATOR_MOUNT_PATHS)}"
+                ".exists(p, p == self.mountPath || p.startsWith(self.mountPath + '/'))"
+            ),
+            message_expression=(
+                "'mountPath \\'%s\\' would hide the operator\\'s mount %s'.format([self.mountPath,"
+                f" {_cel_list(OPERATOR_MOUNT_PATHS)}"
+                ".filter(p, p == self.mountPath || p.startsWith(self.mountPath + '/'))[0]])"
+            ),
+            message="mountPath would hide one of the operator's mounts",
+            field_path=".mountPath",
+        ),
+        CelRule(
+            validator="VolumeMount._path_is_free",
+            rule=f"!{_cel_list(SEALED_MOUNT_PATHS)}.exists(p, self.mountPath.startsWith(p + '/'))",
+            message_expression=(
+                "'mountPath \\'%s\\' is inside %s, where nothing may be mounted'"
+                f".format([self.mountPath, {_cel_list(SEALED_MOUNT_PATHS)}"
+                ".filter(p, self.mountPath.startsWith(p + '/'))[0]])"
+            ),
+            message="mountPath is inside a tree where nothing may be mounted",
+            field_path=".mountPath",
+        ),
+    ],
+    "PodTemplateOverrides": [
+        CelRule(
+            validator="PodTemplateOverrides._consistent",
+            rule=f"self.labels.all(k, !{_OPERATOR_LABEL})",
+            message_expression=(
+                "'labels: key \\'%s\\' is the operator\\'s own label'"
+                f".format([self.labels.filter(k, {_OPERATOR_LABEL})[0]])"
+            ),
+            message="labels: a key is the operator's own label",
+            field_path=".labels",
+        ),
+        _label_keys_rule("PodTemplateOverrides._consistent", "labels"),
+        _label_keys_rule("PodTemplateOverrides._consistent", "annotations"),
+        _unique_rule("PodTemplateOverrides._consistent", "volumes", "name"),
+        _unique_rule("PodTemplateOverrides._consistent", "volumeMounts", "mountPath"),
+        _unique_rule("PodTemplateOverrides._consistent", "env", "name"),
+        CelRule(
+            validator="PodTemplateOverrides._consistent",
+            rule="self.volumeMounts.all(m, self.volumes.exists(v, v.name == m.name))",
+            message_expression=(
+                "'volumeMounts: \\'%s\\' (at %s) is not a volume of podTemplate.volumes'.format(["
+                "self.volumeMounts.filter(m, !self.volumes.exists(v, v.name == m.name))[0].name,"
+                " self.volumeMounts.filter(m, !self.volumes.exists(v, v.name == m.name))[0]"
+                ".mountPath])"
+            ),
+            message="volumeMounts: a mount names no volume of podTemplate.volumes",
+            field_path=".volumeMounts",
+        ),
+    ],
 }
 
 # Validators deliberately left to the operator (which reports them as `InvalidSpec`), with why.
@@ -268,6 +533,8 @@ _KEY_ORDER = [
     "pattern",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "items",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
@@ -287,6 +554,8 @@ _CARRIED = {
     "pattern",
     "minItems",
     "maxItems",
+    "minProperties",
+    "maxProperties",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
 }
@@ -378,6 +647,14 @@ class _Renderer:
 
         if "allOf" in node and len(node["allOf"]) == 1:
             node.update(node.pop("allOf")[0])
+        options = node.get("anyOf") or []
+        refs = [option for option in options if set(option) == {"$ref"}]
+        if len(options) == 2 and len(refs) == 1 and {"type": "null"} in options:
+            # An optional model (`X | None`): render it as the model itself, so that its CEL rules
+            # come along (rendering the option on its own and merging it would drop them).
+            node.pop("anyOf")
+            node["$ref"] = refs[0]["$ref"]
+            nullable = True
         if "$ref" in node:
             model, target = self._model_for_ref(node.pop("$ref"))
             if description is None:
@@ -502,6 +779,12 @@ PRINTER_COLUMNS = [
         "type": "string",
         "jsonPath": ".status.progress",
         "description": "Progress of the current stage, or how the job ended.",
+    },
+    {
+        "name": "ETA",
+        "type": "string",
+        "jsonPath": ".status.eta",
+        "description": "Time left in the running stages at their current pace.",
     },
     {
         "name": "Accuracy",

@@ -62,6 +62,20 @@ class Event:
 
 
 @dataclass(frozen=True)
+class StageGauges:
+    """One ready stage's numbers for the per-job Prometheus gauges."""
+
+    stage: str
+    attempts: int
+    progress: float | None = None
+    """Share of the stage's steps done (0 to 1), once it has reported."""
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    queued_seconds: float | None = None
+    """How long its attempt has waited for its queue, while it waits."""
+
+
+@dataclass(frozen=True)
 class Decision:
     actions: tuple[Action, ...] = ()
     status: dict[str, Any] | None = None
@@ -74,6 +88,8 @@ class Decision:
     alone)."""
     completed_stages: tuple[tuple[str, float], ...] = ()
     """Stages that finished in this decision, with their duration in seconds."""
+    gauges: tuple[StageGauges, ...] = ()
+    """The ready stages' numbers (none once the job has finished or is suspended)."""
 
 
 __all__ = [
@@ -84,5 +100,6 @@ __all__ = [
     "DeleteChild",
     "DeleteJob",
     "Event",
+    "StageGauges",
     "StopChild",
 ]

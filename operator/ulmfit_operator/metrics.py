@@ -6,13 +6,16 @@ collide; it still carries the process collector (`process_resident_memory_bytes`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+
+from ulmfit_operator.decisions import StageGauges
 
 JOB_STATES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
 
@@ -32,6 +35,80 @@ class _JobsByState(Collector):
         for state, count in sorted(counts.items()):
             family.add_metric([state], count)
         yield family
+
+
+class JobGauges:
+    """Per job and ready stage: progress, loss, throughput, attempts, time queued.
+
+    Series exist only for the stages that are ready now (one, or the co-trained models of a
+    round), and go when the stage finishes, the job ends or the job is deleted, so the label
+    sets stay as many as the stages running at once."""
+
+    def __init__(self, registry: CollectorRegistry):
+        labels = ["namespace", "job", "stage"]
+        self._gauges = {
+            "progress": Gauge(
+                "ulmfit_stage_progress_ratio",
+                "Share of a running stage's steps done (0 to 1).",
+                labels,
+                registry=registry,
+            ),
+            "loss": Gauge(
+                "ulmfit_stage_loss",
+                "A running stage's mean training loss at its last report.",
+                labels,
+                registry=registry,
+            ),
+            "tokens_per_second": Gauge(
+                "ulmfit_stage_tokens_per_second",
+                "A running stage's training throughput at its last report, all ranks.",
+                labels,
+                registry=registry,
+            ),
+            "attempts": Gauge(
+                "ulmfit_stage_attempts",
+                "The number of a ready stage's current attempt.",
+                labels,
+                registry=registry,
+            ),
+            "queued_seconds": Gauge(
+                "ulmfit_stage_queued_seconds",
+                "How long a stage's attempt has waited for its queue to admit it.",
+                labels,
+                registry=registry,
+            ),
+        }
+        self._series: dict[tuple[str, str], dict[str, set[str]]] = {}
+        """(namespace, job) -> stage -> the gauges it has a series in."""
+        self._lock = threading.Lock()
+
+    def update(self, namespace: str, job: str, stages: Sequence[StageGauges]) -> None:
+        """Set the job's series to exactly these stages' numbers."""
+        with self._lock:
+            before = self._series.pop((namespace, job), {})
+            now: dict[str, set[str]] = {}
+            for stage in stages:
+                values = {
+                    "progress": stage.progress,
+                    "loss": stage.loss,
+                    "tokens_per_second": stage.tokens_per_second,
+                    "attempts": float(stage.attempts),
+                    "queued_seconds": stage.queued_seconds,
+                }
+                kept = {name for name, value in values.items() if value is not None}
+                for name in kept:
+                    value = values[name]
+                    assert value is not None
+                    self._gauges[name].labels(namespace, job, stage.stage).set(value)
+                now[stage.stage] = kept
+            for name_of_stage, names in before.items():
+                for name in names - now.get(name_of_stage, set()):
+                    self._gauges[name].remove(namespace, job, name_of_stage)
+            if now:
+                self._series[(namespace, job)] = now
+
+    def drop(self, namespace: str, job: str) -> None:
+        self.update(namespace, job, ())
 
 
 class OperatorMetrics:
@@ -79,6 +156,7 @@ class OperatorMetrics:
         self.queue_depth = Gauge(
             "ulmfit_workqueue_depth", "Jobs waiting for a reconcile.", registry=self.registry
         )
+        self.jobs = JobGauges(self.registry)
         self._jobs_source: Callable[[], Mapping[str, int]] = dict
         self.registry.register(_JobsByState(lambda: self._jobs_source()))
 

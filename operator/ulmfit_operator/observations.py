@@ -7,7 +7,7 @@ fact the observation lacks it returns `NeedStore`, and the caller reads it and a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -51,16 +51,73 @@ def final_checkpoint(uri: str, created_at: str, meta: Mapping[str, Any]) -> Fina
 
 @dataclass(frozen=True)
 class Observation:
-    """Store facts read so far, per stage name; a stage missing from a map was not read."""
+    """Facts read so far: store facts per stage name, pod reports per child name; a key missing
+    from a map was not read."""
 
     checkpoints: Mapping[str, FinalCheckpoint | None] = field(default_factory=dict)
     progress: Mapping[str, StageProgress | None] = field(default_factory=dict)
+    pods: Mapping[str, str] = field(default_factory=dict)
+    """Per child: why its pods have not started (`pod_report`), "" when nothing says why."""
 
     def with_checkpoint(self, stage: str, value: FinalCheckpoint | None) -> Observation:
-        return Observation({**self.checkpoints, stage: value}, self.progress)
+        return Observation({**self.checkpoints, stage: value}, self.progress, self.pods)
 
     def with_progress(self, stage: str, value: StageProgress | None) -> Observation:
-        return Observation(self.checkpoints, {**self.progress, stage: value})
+        return Observation(self.checkpoints, {**self.progress, stage: value}, self.pods)
+
+    def with_pods(self, child: str, report: str) -> Observation:
+        return Observation(self.checkpoints, self.progress, {**self.pods, child: report})
+
+
+@dataclass(frozen=True)
+class NeedPods:
+    """Reconcile needs to know why a child's pods have not started: list the pods matching
+    `selector` in `namespace`, summarize them with `pod_report`, add that, and call again."""
+
+    child: str
+    namespace: str
+    selector: str
+
+
+_STUCK_WAITING = {
+    "ErrImagePull",
+    "ErrImageNeverPull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+    "RunContainerError",
+}
+"""Container waiting reasons that do not go away by waiting (pulls, missing Secrets, ...)."""
+
+
+def pod_report(pods: Sequence[Mapping[str, Any]]) -> str:
+    """Why these pods have not started, in their own words: `pod P: Unschedulable: 0/1 nodes
+    are available: ...; pod Q container trainer: ImagePullBackOff: ...`. Pods that run or wait
+    for nothing in particular say nothing; no pods at all says so."""
+    if not pods:
+        return "no pods were created"
+    lines: list[str] = []
+    for pod in sorted(pods, key=lambda p: str((p.get("metadata") or {}).get("name"))):
+        name = str((pod.get("metadata") or {}).get("name"))
+        status = pod.get("status") or {}
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+                lines.append(_reason_line(f"pod {name}", condition))
+        for container in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _STUCK_WAITING:
+                lines.append(_reason_line(f"pod {name} container {container.get('name')}", waiting))
+    return "; ".join(lines)
+
+
+def _reason_line(where: str, source: Mapping[str, Any]) -> str:
+    reason, message = source.get("reason") or "", source.get("message") or ""
+    return f"{where}: {reason}" + (f": {message}" if message else "")
 
 
 @dataclass(frozen=True)
@@ -74,4 +131,11 @@ class NeedStore:
     s3: S3Settings | None
 
 
-__all__ = ["FinalCheckpoint", "NeedStore", "Observation", "final_checkpoint"]
+__all__ = [
+    "FinalCheckpoint",
+    "NeedPods",
+    "NeedStore",
+    "Observation",
+    "final_checkpoint",
+    "pod_report",
+]

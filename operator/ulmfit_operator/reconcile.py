@@ -51,8 +51,24 @@ from ulmfit_trainer.config import S3Settings, StageName, TuneBackend
 from ulmfit_trainer.errors import InvalidSpec
 from ulmfit_trainer.records import StageProgress, parse_evaluation
 
-from ulmfit_operator.api import Metadata, StageState, ULMFiTJob, ULMFiTJobSpec, parse_spec
-from ulmfit_operator.children import CONFIGMAP_KIND, RAYJOB_CRD, RAYJOB_KIND, Child, ChildPhase
+from ulmfit_operator.api import (
+    Metadata,
+    StageState,
+    ULMFiTJob,
+    ULMFiTJobSpec,
+    parse_spec,
+    queue_name,
+)
+from ulmfit_operator.children import (
+    CONFIGMAP_KIND,
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_STAGE,
+    RAYJOB_CRD,
+    RAYJOB_KIND,
+    Child,
+    ChildPhase,
+)
 from ulmfit_operator.decisions import (
     Action,
     CreateObject,
@@ -60,9 +76,16 @@ from ulmfit_operator.decisions import (
     DeleteChild,
     DeleteJob,
     Event,
+    StageGauges,
     StopChild,
 )
-from ulmfit_operator.observations import FinalCheckpoint, NeedStore, Observation, final_checkpoint
+from ulmfit_operator.observations import (
+    FinalCheckpoint,
+    NeedPods,
+    NeedStore,
+    Observation,
+    final_checkpoint,
+)
 from ulmfit_operator.plan import TUNE_KEY, PlannedStage, make_plan
 from ulmfit_operator.policy import UNBOUNDED, JobPolicy, PodNetwork, S3Endpoint
 from ulmfit_operator.stages import (
@@ -70,11 +93,14 @@ from ulmfit_operator.stages import (
     StageRun,
     done_entry,
     failure_detail,
+    format_eta,
+    live_progress,
     progress_text,
     recorded_final,
     silent_for,
     stage_entry,
     succeeded_events,
+    trainer_error,
     tune_status,
 )
 from ulmfit_operator.status import (
@@ -102,10 +128,13 @@ from ulmfit_operator.workloads import (
 )
 
 STOPPED_STALE = "ProgressDeadlineExceeded"
+STOPPED_PENDING = "PendingDeadlineExceeded"
 LM_STAGES = (StageName.PRETRAIN, StageName.FINETUNE)
 """Listed in status.stages even when disabled (as Skipped), ahead of the planned stages."""
 
-_Step = Callable[[], Decision | NeedStore | None]
+Answer = Decision | NeedStore | NeedPods
+"""A decision, or a fact reconcile needs first (read it, add it to the observation, ask again)."""
+_Step = Callable[[], Answer | None]
 
 
 def reconcile(
@@ -116,7 +145,7 @@ def reconcile(
     *,
     rayjob_available: bool = False,
     policy: JobPolicy = UNBOUNDED,
-) -> Decision | NeedStore:
+) -> Answer:
     """Decide; see the module docstring for the order of the steps.
 
     `rayjob_available`: the RayJob CRD is installed (a tune stage with backend `auto` then runs
@@ -161,12 +190,13 @@ class _Job:
     def __init__(self, job: Mapping[str, Any], children: Sequence[Child], now: datetime):
         meta = job.get("metadata") or {}
         self.name = str(meta.get("name"))
+        self.labels: Mapping[str, str] = meta.get("labels") or {}
         self.namespace = str(meta.get("namespace") or "default")
         self.uid = str(meta.get("uid") or "")
         self.generation = int(meta["generation"]) if meta.get("generation") is not None else None
         self.created = parse_time(meta.get("creationTimestamp"))
         self.now = now
-        self.owner = Owner(self.name, self.namespace, self.uid)
+        self.owner = Owner.from_metadata(meta)
         raw_status = job.get("status")
         self.old = read_status(raw_status)
         # The old status as we would have written it (unknown fields dropped), to compare with.
@@ -216,6 +246,7 @@ class _Job:
         state: str,
         requeue_after: float | None = None,
         completed: Sequence[tuple[str, float]] = (),
+        gauges: Sequence[StageGauges] = (),
     ) -> Decision:
         self.status.observed_generation = self.generation
         new = self.status.to_wire()
@@ -226,6 +257,7 @@ class _Job:
             requeue_after=requeue_after,
             state=state,
             completed_stages=tuple(completed),
+            gauges=tuple(gauges),
         )
 
     # -- 2. invalid spec
@@ -283,6 +315,8 @@ class _Context:
         self.rayjob_available = rayjob_available
         self.network = network
         """The NetworkPolicy each attempt makes sure of (None: the operator fences no pods)."""
+        self.queue = queue_name(spec, job.labels)
+        """The Kueue LocalQueue that admits the children (None: they start at once)."""
         self.plan = make_plan(
             ULMFiTJob.model_validate(
                 {
@@ -304,8 +338,10 @@ class _Context:
         """When a deadline falls due (seconds from now)."""
         self.completed: list[tuple[str, float]] = []
         """Stages finished since the old status, with their duration."""
+        self.gauges: tuple[StageGauges, ...] = ()
+        """The ready stages' numbers for the per-job metrics (set while the job runs)."""
 
-    def run(self) -> Decision | NeedStore:
+    def run(self) -> Answer:
         """Steps 4 to 10 in order; a step that settles the reconcile returns its answer."""
         need = self.walk_plan()
         if need is not None:
@@ -317,8 +353,10 @@ class _Context:
         steps: tuple[_Step, ...] = (
             self.suspend_or_resume,
             self.active_deadline,
+            self.explain_failures,
             self.backoff_limit,
             self.watch_progress,
+            self.watch_pending,
             self.start_attempts,
         )
         for step in steps:
@@ -412,6 +450,8 @@ class _Context:
         self.job.clear_condition(ConditionType.RUNNING, "Suspended", message)
         self.status.current_stage = _current(self.ready)
         self.status.progress = "Suspended"
+        self.status.eta = None
+        self.job.clear_condition(ConditionType.QUEUED, "Suspended", message)
         self.write_stages(
             {name: run.info(StageState.PENDING, "suspended") for name, run in self.runs.items()}
         )
@@ -444,11 +484,30 @@ class _Context:
 
     # -- 7. backoff limit, per stage
 
+    def explain_failures(self) -> NeedStore | None:
+        """The trainer's own error line for each stage's last failed attempt. Read from the
+        store once, when the failure is new; the status entry keeps it after that (the next
+        attempt's reports replace the store's copy)."""
+        for name, run in self.runs.items():
+            last = run.failed[-1] if run.failed else None
+            if last is None or last.stopped or last.phase != ChildPhase.FAILED:
+                continue
+            old = self.job.old_stage(name)
+            if old is not None and old.failures >= len(run.failed):
+                run.trainer_error = old.last_error or ""
+                continue
+            if name not in self.observation.progress:
+                return NeedStore(name, "progress", self.plan.run, self.s3)
+            run.trainer_error = trainer_error(last, self.observation.progress[name])
+        return None
+
     def backoff_limit(self) -> Decision | None:
         for name, run in self.runs.items():
             if len(run.failed) > self.policy.backoff_limit:
                 last = run.failed[-1]
-                return self.backoff_exceeded(name, last.name, failure_detail(last))
+                return self.backoff_exceeded(
+                    name, last.name, failure_detail(last, run.trainer_error)
+                )
         return None
 
     def backoff_exceeded(self, name: str, attempt: str, detail: str) -> Decision:
@@ -490,6 +549,60 @@ class _Context:
                 f"stage {name} attempt {child.attempt} ({child.name}) made no progress for "
                 f"{int(silent)}s (progressDeadlineSeconds {self.policy.progress_deadline_seconds}"
                 "); stopping it, the next attempt resumes from the latest checkpoint",
+            )
+        )
+        self.runs[name].stop(child)
+
+    # -- 8b. pending deadline, per stage
+
+    def watch_pending(self) -> NeedPods | Decision | None:
+        """An attempt whose pods have not started pendingDeadlineSeconds after it could (made,
+        or admitted by its queue) is stopped with its pods' own reasons: a failed attempt."""
+        deadline = self.policy.pending_deadline_seconds
+        if deadline is None:
+            return None
+        for name, run in self.runs.items():
+            child = run.active[-1] if run.active else None
+            if child is None or child.phase != ChildPhase.PENDING:
+                continue
+            since = self.pending_since(child)
+            if since is None:
+                continue
+            waited = (self.job.now - since).total_seconds()
+            if waited <= deadline:
+                self.requeue.append(deadline - waited)
+                continue
+            if child.name not in self.observation.pods:
+                selector = (
+                    f"{LABEL_JOB}={self.job.name},{LABEL_STAGE}={name},"
+                    f"{LABEL_ATTEMPT}={child.attempt}"
+                )
+                return NeedPods(child.name, child.namespace, selector)
+            why = self.observation.pods[child.name] or "its pods did not start"
+            self.stop_pending(name, child, waited, why)
+            if len(run.failed) > self.policy.backoff_limit:
+                return self.backoff_exceeded(name, child.name, f"{STOPPED_PENDING}: {why}")
+        return None
+
+    def pending_since(self, child: Child) -> datetime | None:
+        """When the attempt could start: admitted by its queue, else made. A queued attempt
+        whose admission time nobody has written yet is not timed (queue time never counts)."""
+        if child.resumed is not None:
+            return child.resumed
+        if self.queue is not None:
+            return child.started
+        return child.created
+
+    def stop_pending(self, name: str, child: Child, waited: float, why: str) -> None:
+        reason = f"{STOPPED_PENDING}: {why}"
+        self.job.actions.append(StopChild(child.ref, reason[:1000], child.resource_version))
+        self.job.events.append(
+            Event(
+                "Warning",
+                STOPPED_PENDING,
+                f"stage {name} attempt {child.attempt} ({child.name}) did not start in "
+                f"{int(waited)}s (pendingDeadlineSeconds {self.policy.pending_deadline_seconds})"
+                f": {why}",
             )
         )
         self.runs[name].stop(child)
@@ -565,18 +678,20 @@ class _Context:
     # -- 10. status and events
 
     def running(self) -> Decision:
-        infos = {
-            name: run.info(
-                StageState.RUNNING
-                if any(c.phase == ChildPhase.RUNNING for c in run.active)
-                else StageState.PENDING
-            )
-            for name, run in self.runs.items()
-        }
+        infos = {name: self.running_info(name, run) for name, run in self.runs.items()}
+        self.note_queue(infos)
+        etas = [
+            info.progress.eta_seconds
+            for info in infos.values()
+            if info.progress is not None and info.progress.eta_seconds is not None
+        ]
+        self.status.eta = format_eta(max(etas)) if etas else None
         self.write_stages(infos)
         self.status.current_stage = _current(self.ready)
         self.status.progress = "; ".join(
-            progress_text(name, infos[name].state, run.attempt, self.progress.get(name))
+            f"{name} queued"
+            if infos[name].queued_since is not None
+            else progress_text(name, infos[name].state, run.attempt, self.progress.get(name))
             for name, run in self.runs.items()
         )
         if len(self.ready) == 1:
@@ -590,7 +705,64 @@ class _Context:
                 f"stages {self.ready_names} at once ({len(self.done)}/{len(self.plan.stages)} done)"
             )
         self.job.set_condition(ConditionType.RUNNING, True, "StageRunning", message)
-        return self.decide("Running", min(self.requeue) if self.requeue else None)
+        all_queued = all(info.queued_since is not None for info in infos.values())
+        self.gauges = tuple(self.stage_gauges(name, info) for name, info in infos.items())
+        return self.decide(
+            "Pending" if all_queued else "Running", min(self.requeue) if self.requeue else None
+        )
+
+    def stage_gauges(self, name: str, info: StageInfo) -> StageGauges:
+        live, queued = info.progress, parse_time(info.queued_since)
+        return StageGauges(
+            stage=name,
+            attempts=info.attempt,
+            progress=min(1.0, live.step / live.total_steps)
+            if live is not None and live.total_steps
+            else None,
+            loss=live.loss if live is not None else None,
+            tokens_per_second=live.tokens_per_second if live is not None else None,
+            queued_seconds=max(0.0, (self.job.now - queued).total_seconds()) if queued else None,
+        )
+
+    def running_info(self, name: str, run: StageRun) -> StageInfo:
+        """A ready stage's entry: running (with its last report), waiting for its queue, or
+        pending."""
+        waiting = run.waiting
+        if waiting is not None:
+            where = f"LocalQueue {self.queue}" if self.queue else "whoever suspended it"
+            info = run.info(StageState.PENDING)
+            info.message = f"attempt {waiting.attempt} waits to be admitted by {where}"
+            old = self.job.old_stage(name)
+            # Made suspended: queued since it was made; suspended again after it ran (a
+            # queue took its quota back): since now.
+            since = waiting.created if waiting.resumed is None else None
+            info.queued_since = (old.queued_since if old is not None else None) or format_time(
+                since or self.job.now
+            )
+            return info
+        running = run.running
+        if running is None:
+            return run.info(StageState.PENDING)
+        info = run.info(StageState.RUNNING)
+        old = self.job.old_stage(name)
+        info.progress = live_progress(
+            old.progress if old is not None else None, self.progress.get(name), running
+        )
+        return info
+
+    def note_queue(self, infos: Mapping[str, StageInfo]) -> None:
+        """The Queued condition: True while an attempt waits for admission."""
+        waiting = [name for name, info in infos.items() if info.queued_since is not None]
+        if waiting:
+            where = f"LocalQueue {self.queue}" if self.queue else "its queue"
+            self.job.set_condition(
+                ConditionType.QUEUED,
+                True,
+                "WaitingForAdmission",
+                f"stage {', '.join(waiting)} waits to be admitted by {where}",
+            )
+        else:
+            self.job.clear_condition(ConditionType.QUEUED, "Admitted", "no stage waits")
 
     def fail(self, failing: set[str], reason: str, message: str) -> Decision:
         """Fail the job: the `failing` stages are Failed (with `message`), the other ready
@@ -616,6 +788,8 @@ class _Context:
         """The job's end: the summary condition, Running cleared, the TTL clock started."""
         failed = outcome == ConditionType.FAILED
         self.status.progress = f"Failed: {reason}" if failed else "Succeeded"
+        self.status.eta = None
+        self.job.clear_condition(ConditionType.QUEUED, reason, message)
         self.status.completion_time = self.status.completion_time or format_time(
             ended_at or self.job.now
         )
@@ -633,7 +807,7 @@ class _Context:
         """The decision, with a StageSucceeded event ahead of the others for each stage that
         succeeded since the old status."""
         self.job.events = [*succeeded_events(self.job.old, self.status), *self.job.events]
-        return self.job.decide(state, requeue_after, self.completed)
+        return self.job.decide(state, requeue_after, self.completed, self.gauges)
 
     # -- status.stages
 
@@ -672,6 +846,7 @@ __all__ = [
     "DeleteJob",
     "Event",
     "FinalCheckpoint",
+    "NeedPods",
     "NeedStore",
     "Observation",
     "StopChild",

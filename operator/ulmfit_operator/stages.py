@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from ulmfit_trainer.config import TuneBackend
 from ulmfit_trainer.records import StageProgress
@@ -21,6 +21,7 @@ from ulmfit_operator.decisions import Event
 from ulmfit_operator.observations import FinalCheckpoint
 from ulmfit_operator.plan import PlannedStage
 from ulmfit_operator.status import (
+    LiveProgress,
     StageStatus,
     TuneStatus,
     ULMFiTJobStatus,
@@ -44,6 +45,9 @@ class StageInfo:
     failures: int
     child: str | None
     message: str
+    last_error: str = ""
+    progress: LiveProgress | None = None
+    queued_since: str | None = None
 
 
 @dataclass
@@ -57,6 +61,8 @@ class StageRun:
     child: str | None = None
     stopped_now: bool = False
     """The watchdog stopped an attempt in this reconcile: the next starts on the next one."""
+    trainer_error: str = ""
+    """The error line the trainer reported for the last failed attempt (its `progress.json`)."""
 
     @classmethod
     def of(cls, children: Sequence[Child], stage: str) -> StageRun:
@@ -90,11 +96,19 @@ class StageRun:
     def info(self, state: StageState, message: str | None = None) -> StageInfo:
         """The stage's status entry; `message` defaults to why the last attempt failed."""
         if message is None:
-            message = last_failure(self.failed)
-        return StageInfo(state, self.attempt, len(self.failed), self.child, message)
+            message = last_failure(self.failed, self.trainer_error)
+        return StageInfo(
+            state, self.attempt, len(self.failed), self.child, message, self.trainer_error
+        )
+
+    @property
+    def waiting(self) -> Child | None:
+        """The newest attempt, when a queue holds it suspended."""
+        newest = self.active[-1] if self.active else None
+        return newest if newest is not None and newest.waiting else None
 
 
-def last_failure(failed: Sequence[Child]) -> str:
+def last_failure(failed: Sequence[Child], trainer_error: str = "") -> str:
     """Why the last failed attempt failed, for the stage's status entry."""
     if not failed:
         return ""
@@ -103,18 +117,31 @@ def last_failure(failed: Sequence[Child]) -> str:
         return f"attempt {last.attempt} stopped: {last.stopped}"
     if last.phase == ChildPhase.SUCCEEDED:
         return f"attempt {last.attempt} ended without a final checkpoint in the store"
-    return f"attempt {last.attempt} failed" + (f": {last.message}" if last.message else "")
+    detail = _why_failed(last, trainer_error)
+    return f"attempt {last.attempt} failed" + (f": {detail}" if detail else "")
 
 
-def failure_detail(child: Child) -> str:
-    """Why a failed attempt failed, for the BackoffLimitExceeded message."""
-    if child.message:
-        return child.message
+def failure_detail(child: Child, trainer_error: str = "") -> str:
+    """Why a failed attempt failed: the trainer's own error line first, when it reported one,
+    then what the child's controller says."""
     if child.stopped:
         return f"stopped: {child.stopped}"
     if child.phase == ChildPhase.SUCCEEDED:
         return "succeeded without a final checkpoint in the store"
-    return "failed"
+    return _why_failed(child, trainer_error) or "failed"
+
+
+def _why_failed(child: Child, trainer_error: str) -> str:
+    if trainer_error and child.message:
+        return f"{trainer_error} ({child.message})"
+    return trainer_error or child.message
+
+
+def trainer_error(child: Child, progress: StageProgress | None) -> str:
+    """The error line of a failed attempt's `progress.json`, if that report is the attempt's."""
+    if progress is None or progress.state != "failed" or not progress.error:
+        return ""
+    return progress.error if progress_time(progress, child.created) is not None else ""
 
 
 def progress_time(progress: StageProgress | None, since: datetime | None) -> datetime | None:
@@ -153,6 +180,48 @@ def progress_text(
     return (f"{stage} " + ", ".join(parts) if parts else f"{stage} running") + retry
 
 
+def live_progress(
+    old: LiveProgress | None, progress: StageProgress | None, child: Child
+) -> LiveProgress | None:
+    """The running attempt's last report for its status entry. The ETA comes from the pace
+    between the report the old status holds and this one; the same report again keeps the old
+    ETA (reconciles come more often than reports)."""
+    if progress is None or progress_time(progress, child.created) is None:
+        return None
+    eta = None
+    if progress.total_steps and old is not None:
+        if old.updated_at == progress.updated_at and old.step == progress.step:
+            eta = old.eta_seconds
+        else:
+            then, now = parse_time(old.updated_at), parse_time(progress.updated_at)
+            steps = progress.step - old.step
+            if then is not None and now is not None and now > then and steps > 0:
+                seconds_per_step = (now - then).total_seconds() / steps
+                eta = round(max(0, progress.total_steps - progress.step) * seconds_per_step)
+    return LiveProgress(
+        step=max(0, progress.step),
+        total_steps=progress.total_steps,
+        loss=progress.loss,
+        tokens_per_second=progress.tokens_per_second,
+        eta_seconds=eta,
+        updated_at=format_time(parse_time(progress.updated_at) or child.created or _EPOCH),
+    )
+
+
+def format_eta(seconds: int) -> str:
+    """`45s`, `12m30s`, `3h05m`: short enough for a `kubectl get` column."""
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 # ------------------------------------------------------------------------------ status.stages
 
 
@@ -181,6 +250,9 @@ def stage_entry(
     entry.attempts = info.attempt or entry.attempts
     entry.child = info.child or entry.child
     entry.message = info.message or None
+    entry.last_error = info.last_error or None
+    entry.progress = info.progress
+    entry.queued_since = info.queued_since
     if entry.start_time is None and info.attempt:
         entry.start_time = format_time(now)
     entry.completion_time = None
@@ -203,6 +275,8 @@ def done_entry(
     entry.checkpoint = final.uri
     entry.metrics = dict(final.metrics)
     entry.message = None
+    entry.progress = None
+    entry.queued_since = None
     finished_at = final.created_at or now
     entry.completion_time = entry.completion_time or format_time(finished_at)
     mine = [c for c in children if c.stage == stage.name]
@@ -254,12 +328,15 @@ __all__ = [
     "StageRun",
     "done_entry",
     "failure_detail",
+    "format_eta",
     "last_failure",
+    "live_progress",
     "progress_text",
     "progress_time",
     "recorded_final",
     "silent_for",
     "stage_entry",
     "succeeded_events",
+    "trainer_error",
     "tune_status",
 ]

@@ -25,6 +25,8 @@ class ConditionType(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    QUEUED = "Queued"
+    """Whether a stage's attempt waits, suspended, for a queue (Kueue) to admit it."""
     STORE_REACHABLE = "StoreReachable"
     """Whether the operator could read the job's store (set by the runtime, only once a read
     failed: False while it cannot, True again once it can)."""
@@ -34,7 +36,7 @@ class Condition(WireModel):
     """One aspect of the job's state, as the Kubernetes API conventions describe conditions."""
 
     type: ConditionType
-    """`Running`, `Succeeded`, `Failed`, `Suspended` or `StoreReachable`."""
+    """`Running`, `Succeeded`, `Failed`, `Suspended`, `Queued` or `StoreReachable`."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds."""
     reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z][A-Za-z0-9]*$")]
@@ -45,6 +47,23 @@ class Condition(WireModel):
     """When `status` last flipped (not when the reason or message changed)."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """`metadata.generation` of the spec this condition was computed from."""
+
+
+class LiveProgress(WireModel):
+    """What a running attempt last reported (its `progress.json`), for people and dashboards."""
+
+    step: Annotated[int, Field(ge=0)] = 0
+    """Steps done in this stage (trials done, for a sweep)."""
+    total_steps: Annotated[int, Field(ge=0)] | None = None
+    """Steps the stage takes in all."""
+    loss: float | None = None
+    """Mean training loss since the report before."""
+    tokens_per_second: float | None = None
+    """Training throughput, all ranks together."""
+    eta_seconds: Annotated[int, Field(ge=0)] | None = None
+    """Seconds left at the pace between the last two reports the operator saw."""
+    updated_at: Timestamp | None = None
+    """When the trainer made the report."""
 
 
 class StageStatus(WireModel):
@@ -73,7 +92,13 @@ class StageStatus(WireModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     """Numeric metrics the stage recorded with its final checkpoint."""
     message: str | None = None
-    """Why the last attempt failed, when it did."""
+    """Why the last attempt failed, when it did; or why the current one waits."""
+    last_error: str | None = None
+    """The error line the trainer reported when its last attempt failed (`Type: message`)."""
+    progress: LiveProgress | None = None
+    """The running attempt's last report (step, loss, throughput, ETA)."""
+    queued_since: Timestamp | None = None
+    """Since when the current attempt waits for a queue to admit it."""
 
 
 class PseudoLabelStats(WireModel):
@@ -128,7 +153,8 @@ class ULMFiTJobStatus(WireModel):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Summary conditions: `Running`, `Succeeded`, `Failed`, `Suspended`; `StoreReachable` once
+    """Summary conditions: `Running`, `Succeeded`, `Failed`, `Suspended`, `Queued` (an attempt
+    waits for its queue); `StoreReachable` once
     the operator could not read the job's store (False while it cannot, True once it can)."""
     stages: list[StageStatus] = Field(
         default_factory=list,
@@ -139,6 +165,8 @@ class ULMFiTJobStatus(WireModel):
     """The stages that run now (or ran last), comma-separated: co-trained models run at once."""
     progress: str | None = None
     """Progress for people, e.g. `classifier phase 2/4, 63%`."""
+    eta: str | None = None
+    """Time left in the running stages at their current pace, e.g. `12m30s` (unknown: absent)."""
     start_time: Timestamp | None = None
     """When the operator started the job (reset when a suspended job resumes)."""
     completion_time: Timestamp | None = None

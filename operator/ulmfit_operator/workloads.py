@@ -12,7 +12,13 @@ NetworkPolicy `<job>-pods` fences the job's pods (see `network_policy`).
 
 Every pod runs as a non-root user with a read-only root filesystem; its writable places are two
 emptyDirs with size limits from the spec (`resources.scratch` for `/tmp`,
-`resources.sharedMemory` for `/dev/shm`).
+`resources.sharedMemory` for `/dev/shm`). `resources.podTemplate` adds to every pod (labels,
+annotations, tolerations, affinity, priority, scheduler, ServiceAccount, pull secrets, volumes,
+env) but never replaces what the operator sets: the API models refuse a clash, and here the
+operator's values are written last. Containers report their failure through
+`terminationMessagePolicy: FallbackToLogsOnError` (the trainer writes its error line to
+`/dev/termination-log`; without it, the log's tail). A queued job (`api.queue_name`) gets each
+workload created suspended with Kueue's queue label, for Kueue to admit.
 """
 
 from __future__ import annotations
@@ -20,12 +26,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
 from ulmfit_trainer.config import StageConfig, StageName, StorageSpec, TuneBackend, TuneSpec
 
-from ulmfit_operator.api import API_VERSION, KIND, ULMFiTJobSpec
+from ulmfit_operator.api import (
+    API_VERSION,
+    KIND,
+    KUEUE_QUEUE_LABEL,
+    ULMFiTJobSpec,
+    queue_name,
+)
 from ulmfit_operator.children import (
     ANNOTATION_INIT_CHECKPOINT,
     CONFIGMAP_KIND,
@@ -48,6 +62,7 @@ from ulmfit_operator.children import (
     SERVICE_KIND,
 )
 from ulmfit_operator.plan import TUNE_KEY, PlannedStage
+from ulmfit_operator.pod_overrides import OPERATOR_VOLUMES, PodTemplateOverrides
 from ulmfit_operator.policy import PodNetwork
 
 # The Training Operator looks the container and its port up by these names.
@@ -67,6 +82,8 @@ CONFIG_DIR = "/etc/ulmfit"
 CONFIG_FILE = "stage.json"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 RUN_AS_USER = 65532  # the non-root user of the Dockerfile's trainer image
+TERMINATION_MESSAGE_POLICY = "FallbackToLogsOnError"
+CONFIG_VOLUME, TMP_VOLUME, SHM_VOLUME = OPERATOR_VOLUMES
 
 # The Training Operator names pods and Services `<child>-worker-<index>` (a DNS-1035 label,
 # at most 63 characters): 50 leaves room for `-worker-1023`.
@@ -80,6 +97,28 @@ Body = dict[str, Any]
 def _present(body: Body) -> Body:
     """`body` without its None values (what the API's own serializers leave out)."""
     return {key: value for key, value in body.items() if value is not None}
+
+
+def _wire(model: BaseModel) -> Body:
+    """An API model (a piece of `podTemplate`) as the Kubernetes JSON it mirrors: fields in
+    alphabetical order (as the kubernetes client writes a model), empty ones left out; maps
+    (labels) keep their order."""
+    out: Body = {}
+    for name, field in model.__class__.model_fields.items():
+        value = _wire_value(getattr(model, name))
+        if value is not None and value != [] and value != {}:
+            out[field.alias or name] = value
+    return {key: out[key] for key in sorted(out)}
+
+
+def _wire_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return _wire(value)
+    if isinstance(value, list):
+        return [_wire_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _wire_value(item) for key, item in value.items()}
+    return value
 
 
 # --------------------------------------------------------------------------------------- names
@@ -134,6 +173,20 @@ class Owner:
     name: str
     namespace: str
     uid: str
+    queue_label: str | None = None
+    """The job's own `kueue.x-k8s.io/queue-name` label, if any (`spec.queueName` wins over it;
+    see `Attempt.queue`)."""
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> Owner:
+        """The owner as the job's metadata describes it."""
+        labels = metadata.get("labels") or {}
+        return cls(
+            name=str(metadata.get("name")),
+            namespace=str(metadata.get("namespace") or "default"),
+            uid=str(metadata.get("uid") or ""),
+            queue_label=labels.get(KUEUE_QUEUE_LABEL) or None,
+        )
 
     def reference(self) -> dict[str, Any]:
         return {
@@ -295,11 +348,66 @@ class Attempt:
     def name(self) -> str:
         return child_name(self.owner.name, self.stage.name, self.number)
 
+    @property
+    def queue(self) -> str | None:
+        """The Kueue LocalQueue that admits this attempt's workload (None: not queued)."""
+        label = self.owner.queue_label
+        return queue_name(self.spec, {KUEUE_QUEUE_LABEL: label} if label else None)
+
+    @property
+    def overrides(self) -> PodTemplateOverrides:
+        return self.spec.resources.pod_template or PodTemplateOverrides()
+
     def metadata(self) -> Body:
+        """The workload's metadata; with a queue, Kueue's label (Kueue admits by it)."""
         annotations = (
             {ANNOTATION_INIT_CHECKPOINT: self.init_checkpoint} if self.init_checkpoint else {}
         )
-        return self.owner.metadata(self.name, self.stage.name, self.number, annotations)
+        body = self.owner.metadata(self.name, self.stage.name, self.number, annotations)
+        if self.queue:
+            body["labels"][KUEUE_QUEUE_LABEL] = self.queue
+        return body
+
+    def user_container_parts(self) -> Body:
+        """What `podTemplate` adds to every container: env, envFrom, volume mounts."""
+        pod = self.overrides
+        return {
+            "env": [_wire(variable) for variable in pod.env],
+            "envFrom": [_wire(source) for source in pod.env_from] or None,
+            "volumeMounts": [_wire(mount) for mount in pod.volume_mounts],
+        }
+
+    def pod(
+        self,
+        container: Body,
+        role: str | None,
+        restart_policy: str | None,
+        volumes: list[Body],
+    ) -> Body:
+        """A pod template: the operator's hardened spec with `podTemplate` added around it."""
+        res, pod = self.spec.resources, self.overrides
+        spec = {
+            "affinity": _wire(pod.affinity) if pod.affinity else None,
+            # Pods never talk to the Kubernetes API: progress travels through the store. Not even
+            # under a `serviceAccountName` of the user's: it picks the identity for image pulls
+            # and workload-identity webhooks, never an API token.
+            "automountServiceAccountToken": False,
+            "containers": [container],
+            "enableServiceLinks": False,
+            "imagePullSecrets": [{"name": name} for name in pod.image_pull_secrets] or None,
+            "nodeSelector": dict(res.node_selector) or None,
+            "priorityClassName": pod.priority_class_name,
+            "restartPolicy": restart_policy,
+            "schedulerName": pod.scheduler_name,
+            "securityContext": _pod_security_context(),
+            "serviceAccountName": pod.service_account_name,
+            "tolerations": [_wire(toleration) for toleration in pod.tolerations] or None,
+            "volumes": [*volumes, *(_wire(volume) for volume in pod.volumes)],
+        }
+        # The operator's labels go last: they win over any the user gave (the API refuses those).
+        labels = {**pod.labels, **self.owner.labels(self.stage.name, self.number, role)}
+        metadata = _present({"annotations": dict(pod.annotations) or None, "labels": labels})
+        return {"metadata": metadata, "spec": _present(spec)}
 
     def container(
         self,
@@ -313,7 +421,11 @@ class Attempt:
         limits = {"cpu": res.cpu, "memory": res.memory}
         if gpus > 0:
             limits["nvidia.com/gpu"] = str(gpus)
+        user = self.user_container_parts()
+        # The user's variables come first: a name given twice takes its last value, so the
+        # operator's would win even if the API models let a clash through.
         env = [
+            *user["env"],
             _env("HOME", "/tmp"),
             _env("XDG_CACHE_HOME", "/tmp/.cache"),
             _env("PYTHONUNBUFFERED", "1"),
@@ -325,16 +437,19 @@ class Attempt:
             {
                 "command": command,
                 "env": env,
+                "envFrom": user["envFrom"],
                 "image": res.image,
                 "imagePullPolicy": res.image_pull_policy,
                 "name": name,
                 "ports": ports or None,
                 "resources": {"limits": limits, "requests": dict(limits)},
                 "securityContext": _security_context(),
+                "terminationMessagePolicy": TERMINATION_MESSAGE_POLICY,
                 "volumeMounts": [
-                    {"mountPath": CONFIG_DIR, "name": "stage-config", "readOnly": True},
-                    {"mountPath": "/tmp", "name": "tmp"},
-                    {"mountPath": "/dev/shm", "name": "dshm"},
+                    {"mountPath": CONFIG_DIR, "name": CONFIG_VOLUME, "readOnly": True},
+                    {"mountPath": "/tmp", "name": TMP_VOLUME},
+                    {"mountPath": "/dev/shm", "name": SHM_VOLUME},
+                    *user["volumeMounts"],
                 ],
             }
         )
@@ -346,31 +461,19 @@ class Attempt:
         restart_policy: str | None = "Never",
     ) -> Body:
         res = self.spec.resources
-        spec = {
-            # Pods never talk to the Kubernetes API: progress travels through the store.
-            "automountServiceAccountToken": False,
-            "containers": [container],
-            "enableServiceLinks": False,
-            "nodeSelector": dict(res.node_selector) or None,
-            "restartPolicy": restart_policy,
-            "securityContext": _pod_security_context(),
-            "volumes": [
-                {
-                    "configMap": {
-                        "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}],
-                        "name": config_map_name(self.name),
-                    },
-                    "name": "stage-config",
+        volumes = [
+            {
+                "configMap": {
+                    "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}],
+                    "name": config_map_name(self.name),
                 },
-                _empty_dir("tmp", res.scratch),
-                # torch's data loaders and NCCL need more shared memory than a container's 64 MiB.
-                _empty_dir("dshm", res.shared_memory, medium="Memory"),
-            ],
-        }
-        return {
-            "metadata": {"labels": self.owner.labels(self.stage.name, self.number, role)},
-            "spec": _present(spec),
-        }
+                "name": CONFIG_VOLUME,
+            },
+            _empty_dir(TMP_VOLUME, res.scratch),
+            # torch's data loaders and NCCL need more shared memory than a container's 64 MiB.
+            _empty_dir(SHM_VOLUME, res.shared_memory, medium="Memory"),
+        ]
+        return self.pod(container, role, restart_policy, volumes)
 
 
 def pytorch_job(attempt: Attempt) -> Body:
@@ -390,6 +493,13 @@ def pytorch_job(attempt: Attempt) -> Body:
     replica_specs = {"Master": replicas(1)}
     if res.workers > 1:
         replica_specs["Worker"] = replicas(res.workers - 1)
+    run_policy = {
+        # Retries are ours (a new attempt that resumes from the store), not pod restarts.
+        "backoffLimit": 0,
+        "cleanPodPolicy": "Running",
+        "schedulingPolicy": scheduling_policy(attempt.spec),
+        "suspend": True if attempt.queue else None,
+    }
     return {
         "apiVersion": PYTORCHJOB_API_VERSION,
         "kind": PYTORCHJOB_KIND,
@@ -397,10 +507,26 @@ def pytorch_job(attempt: Attempt) -> Body:
         "spec": {
             "nprocPerNode": str(res.processes_per_worker),
             "pytorchReplicaSpecs": replica_specs,
-            # Retries are ours (a new attempt that resumes from the store), not pod restarts.
-            "runPolicy": {"backoffLimit": 0, "cleanPodPolicy": "Running"},
+            "runPolicy": _present(run_policy),
         },
     }
+
+
+def scheduling_policy(spec: ULMFiTJobSpec) -> Body | None:
+    """The PyTorchJob's gang-scheduling policy (`runPolicy.schedulingPolicy`), None without one.
+    `minAvailable` defaults to every pod of the stage: torchrun's static rendezvous needs them
+    all, and a half-placed gang would hold its GPUs while it waits for the rest."""
+    gang = spec.run_policy.scheduling_policy
+    if gang is None:
+        return None
+    return _present(
+        {
+            "minAvailable": gang.min_available or spec.resources.workers,
+            "priorityClass": gang.priority_class,
+            "queue": gang.queue,
+            "scheduleTimeoutSeconds": gang.schedule_timeout_seconds,
+        }
+    )
 
 
 def _batch_job(attempt: Attempt, container: Body, role: str | None = None) -> Body:
@@ -408,7 +534,14 @@ def _batch_job(attempt: Attempt, container: Body, role: str | None = None) -> Bo
         "apiVersion": JOB_API_VERSION,
         "kind": JOB_KIND,
         "metadata": attempt.metadata(),
-        "spec": {"backoffLimit": 0, "template": attempt.pod_template(container, role)},
+        "spec": _present(
+            {
+                "backoffLimit": 0,
+                # Queued: Kueue unsuspends the Job when it admits it.
+                "suspend": True if attempt.queue else None,
+                "template": attempt.pod_template(container, role),
+            }
+        ),
     }
 
 
@@ -499,12 +632,16 @@ def tune_rayjob(attempt: Attempt) -> Body:
         "apiVersion": RAYJOB_API_VERSION,
         "kind": RAYJOB_KIND,
         "metadata": attempt.metadata(),
-        "spec": {
-            "entrypoint": " ".join(single_process_command(attempt.stage.kind.value)),
-            "shutdownAfterJobFinishes": True,
-            "submitterPodTemplate": submitter_template(attempt),
-            "rayClusterSpec": ray_cluster,
-        },
+        "spec": _present(
+            {
+                "entrypoint": " ".join(single_process_command(attempt.stage.kind.value)),
+                # Kueue also needs this to manage a RayJob (it refuses one that keeps its cluster).
+                "shutdownAfterJobFinishes": True,
+                "suspend": True if attempt.queue else None,
+                "submitterPodTemplate": submitter_template(attempt),
+                "rayClusterSpec": ray_cluster,
+            }
+        ),
     }
 
 
@@ -512,9 +649,11 @@ def submitter_template(attempt: Attempt) -> Body:
     """The pod where KubeRay runs `ray job submit` (it fills in the container's command and the
     dashboard address): the trainer image (it has the `ray` CLI), small, non-root."""
     res = attempt.spec.resources
+    user = attempt.user_container_parts()
     container = _present(
         {
-            "env": [_env("HOME", "/tmp")],
+            "env": [*user["env"], _env("HOME", "/tmp")],
+            "envFrom": user["envFrom"],
             "image": res.image,
             "imagePullPolicy": res.image_pull_policy,
             "name": "ray-job-submitter",
@@ -523,24 +662,13 @@ def submitter_template(attempt: Attempt) -> Body:
                 "requests": {"cpu": "100m", "memory": "256Mi"},
             },
             "securityContext": _security_context(),
-            "volumeMounts": [{"mountPath": "/tmp", "name": "tmp"}],
+            # `ray job submit` follows the sweep's log: its tail says why the sweep failed.
+            "terminationMessagePolicy": TERMINATION_MESSAGE_POLICY,
+            "volumeMounts": [{"mountPath": "/tmp", "name": TMP_VOLUME}, *user["volumeMounts"]],
         }
     )
-    spec = {
-        "automountServiceAccountToken": False,
-        "containers": [container],
-        "enableServiceLinks": False,
-        "nodeSelector": dict(res.node_selector) or None,
-        "restartPolicy": "Never",
-        "securityContext": _pod_security_context(),
-        "volumes": [_empty_dir("tmp", "1Gi")],
-    }
-    return {
-        "metadata": {
-            "labels": attempt.owner.labels(attempt.stage.name, attempt.number, ROLE_RAY_SUBMITTER)
-        },
-        "spec": _present(spec),
-    }
+    volumes = [_empty_dir(TMP_VOLUME, "1Gi")]
+    return attempt.pod(container, ROLE_RAY_SUBMITTER, "Never", volumes)
 
 
 def _whole_cpus(quantity: str) -> str:

@@ -415,6 +415,45 @@ def test_deleted_trainer_pod_fails_the_attempt_and_the_next_resumes(
     assert max(watch.most_active.values()) == 1, watch.most_active
 
 
+# --- 3b: pods that never start -------------------------------------------------------------------
+
+
+def test_pods_that_cannot_start_fail_the_job_with_the_kubelets_own_reason(
+    cluster: Cluster,
+    cluster_operator: ClusterOperator,
+    cluster_s3: SeaweedS3,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """An image the node does not have (and may not pull) leaves the trainer pod waiting in
+    ErrImageNeverPull: the real kubelet's reason. After pendingDeadlineSeconds the operator
+    stops the attempt, and with no retries left the job fails with that reason in its Failed
+    condition and a Warning event."""
+    repository = cluster_operator.trainer_image.rpartition(":")[0]
+    job = tiny_job("unpulled", cluster_operator, cluster_s3, bucket, **{
+        "resources.image": f"{repository}:not-on-this-node",
+        "runPolicy.pendingDeadlineSeconds": 30,
+        "runPolicy.backoffLimit": 0,
+    })  # fmt: skip
+    cluster.apply(job, tmp_path)
+    finished = cluster.wait_finished("unpulled", timeout=300)
+    conditions = {c["type"]: c for c in finished["status"]["conditions"]}
+    failed = conditions.get("Failed")
+    assert failed is not None and failed["status"] == "True", cluster.describe("unpulled")
+    assert failed["reason"] == "BackoffLimitExceeded", failed
+    assert "PendingDeadlineExceeded: pod " in failed["message"], failed
+    assert "ErrImageNeverPull" in failed["message"], failed
+    events = cluster.get("events")["items"]
+    reasons = {
+        e["reason"] for e in events if e["involvedObject"].get("name") == "unpulled"
+    }
+    assert "PendingDeadlineExceeded" in reasons, reasons
+    [entry] = [e for e in finished["status"]["stages"] if e.get("child")]
+    child = cluster.get("pytorchjob", entry["child"])
+    stopped = child["metadata"]["annotations"]["ulmfit.io/stopped"]
+    assert stopped.startswith("PendingDeadlineExceeded"), stopped
+
+
 # --- 4: a Ray Tune sweep under the real KubeRay operator ------------------------------------------
 
 

@@ -179,8 +179,8 @@ def test_operator_walks_a_job_through_every_stage(
     # kubectl shows the printer columns.
     table = kubectl.run("get", "ulmfitjobs", "-n", ns, kubeconfig=kube_cluster.kubeconfig).stdout
     header, row = table.strip().splitlines()
-    assert header.split() == ["NAME", "STAGE", "PROGRESS", "ACCURACY", "AGE"]
-    assert row.split()[:4] == [name, "evaluate", "Succeeded", "0.875"]
+    assert header.split() == ["NAME", "STAGE", "PROGRESS", "ETA", "ACCURACY", "AGE"]
+    assert row.split()[:4] == [name, "evaluate", "Succeeded", "0.875"]  # no ETA once done
     # API writes for the job (the leader Lease aside): at most 10 per stage transition.
     writes = operator.metric("ulmfit_api_writes_total") - operator.metric(
         "ulmfit_api_writes_total", resource="leases"

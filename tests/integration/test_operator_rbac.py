@@ -67,6 +67,7 @@ def test_operator_rbac_grants_only_what_the_operator_uses() -> None:
         ("", "configmaps"): {"create"},
         ("", "services"): {"create"},
         ("networking.k8s.io", "networkpolicies"): {"create"},
+        ("", "pods"): {"list"},
         ("", "events"): {"create"},
         ("coordination.k8s.io", "leases"): {"get", "create", "update"},
     }
@@ -99,8 +100,20 @@ def test_operator_account_is_refused_everything_else(
         )
         == 403
     )
-    # No pods, no reading ConfigMaps back, no spec changes to jobs.
-    assert _status(lambda: operator.request("GET", f"/api/v1/namespaces/{ns}/pods")) == 403
+    # Pods: listed (why an attempt has not started), never read one by one, watched or made.
+    assert _status(lambda: operator.request("GET", f"/api/v1/namespaces/{ns}/pods")) == 200
+    assert (
+        _status(lambda: operator.request("GET", f"/api/v1/namespaces/{ns}/pods/any-pod")) == 403
+    )
+    assert (
+        _status(
+            lambda: operator.request(
+                "GET", f"/api/v1/namespaces/{ns}/pods", query=[("watch", "true")]
+            )
+        )
+        == 403
+    )
+    # No reading ConfigMaps back, no spec changes to jobs.
     assert _status(lambda: operator.request("GET", f"/api/v1/namespaces/{ns}/configmaps")) == 403
     assert (
         _status(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from ulmfit_trainer.config import S3Settings
 from ulmfit_trainer.records import StageProgress
 from ulmfit_trainer.store.errors import StoreAuthError, StoreUnavailable
 
-from tests.unit.test_reconcile import NOW, S3, job
+from tests.unit.test_reconcile import S3, job
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,7 +78,11 @@ class FakeKube:
     def create(self, body: Mapping[str, Any]) -> dict[str, Any] | None:
         self.created.append(body)
         made = copy.deepcopy(dict(body))
-        made["metadata"].update(resourceVersion="1", creationTimestamp=format_time(NOW))
+        # Made now: the controller decides on the real clock (a child made at the fixed NOW
+        # would have passed its pending deadline long ago).
+        made["metadata"].update(
+            resourceVersion="1", creationTimestamp=format_time(datetime.now(UTC))
+        )
         return made
 
     def event(self, involved: Mapping[str, Any], event: Event, instance: str) -> None:

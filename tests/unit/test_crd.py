@@ -53,7 +53,7 @@ def test_operator_crd_identity_and_surface() -> None:
     version = _version()
     assert version["subresources"] == {"status": {}}
     columns = [column["name"] for column in version["additionalPrinterColumns"]]
-    assert columns == ["Stage", "Progress", "Accuracy", "Age"]
+    assert columns == ["Stage", "Progress", "ETA", "Accuracy", "Age"]
 
 
 def test_operator_crd_schema_is_structural_and_documented() -> None:

@@ -228,6 +228,7 @@ class ModelAttempt:
                 k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
             ],
             security_context=_security_context(),
+            termination_message_policy="FallbackToLogsOnError",
         )
 
     def pod_template(
@@ -417,6 +418,7 @@ def submitter_template(attempt: ModelAttempt) -> k8s.V1PodTemplateSpec:
         ),
         volume_mounts=[k8s.V1VolumeMount(name="tmp", mount_path="/tmp")],
         security_context=_security_context(),
+        termination_message_policy="FallbackToLogsOnError",
     )
     return k8s.V1PodTemplateSpec(
         metadata=k8s.V1ObjectMeta(

@@ -12,6 +12,9 @@ cluster that path carries the job's UID (`<namespace>/<name>/<uid>`, see
 store is neither resumed nor reported finished; the local runner's run is `<namespace>/<name>`.
 On success rank 0 prints one ``@metrics {json}`` line on stdout; on failure the failing rank
 writes a ``failed`` ``records.StageProgress`` (the error line) as the stage's progress.
+A failing run also writes its error line to the container's termination log
+(``/dev/termination-log``, or ``$ULMFIT_TERMINATION_LOG``), where ``kubectl describe pod`` and
+the pod's status show it; best effort, first error only, never instead of the error itself.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import traceback
 from ulmfit_trainer.config import StageConfig, StageName
 
 METRICS_PREFIX = "@metrics "
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LOG_ENV = "ULMFIT_TERMINATION_LOG"
 log = logging.getLogger("ulmfit_trainer")
 
 
@@ -44,13 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = StageConfig.read(args.config)
     except (OSError, ValueError) as exc:
-        print(f"error: cannot read stage config {args.config}: {exc}", file=sys.stderr)
+        _fail(f"error: cannot read stage config {args.config}: {exc}")
         return 2
     if config.stage.value != args.stage:
-        print(
+        _fail(
             f"error: {args.config} configures stage {config.stage.value!r}, "
-            f"but the command line asks for {args.stage!r}",
-            file=sys.stderr,
+            f"but the command line asks for {args.stage!r}"
         )
         return 2
     rank = int(os.environ.get("RANK", "0"))
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoints = open_checkpoints(config)
         finished = checkpoints.final(config.key)
     except Exception as exc:
-        print(f"error: cannot read the store {config.store_root}: {exc}", file=sys.stderr)
+        _fail(f"error: cannot read the store {config.store_root}: {exc}")
         return 1
     if finished is not None:
         if rank == 0:
@@ -92,12 +96,43 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as store_exc:  # the failure itself matters more; say both
             log.warning("could not record the failure in the store: %s", store_exc)
         print(report.to_line(), flush=True)  # the local runner's follower reads it
+        write_termination_message(report.error or message)
         return 2 if invalid else 1
     finally:
         _leave_process_group()
     if rank == 0:
         print(METRICS_PREFIX + json.dumps(metrics, sort_keys=True), flush=True)
     return 0
+
+
+def _fail(line: str) -> None:
+    print(line, file=sys.stderr)
+    write_termination_message(line)
+
+
+def write_termination_message(line: str, path: str | None = None) -> bool:
+    """Put the error line where Kubernetes reads a container's termination message.
+
+    Only when the file exists (the kubelet creates it; locally there is none) and nothing was
+    written there yet: with several ranks in one container, the first failure is the cause and
+    the later ones mostly echo it. Never raises: the failure it reports matters more. Returns
+    whether it wrote.
+    """
+    target = path or os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND)  # no O_CREAT: only where one exists
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size > 0:
+            return False
+        # Kubernetes keeps at most 4096 bytes of it.
+        os.write(fd, (line.splitlines()[0] if line else "").encode()[:4000] + b"\n")
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _leave_process_group() -> None:

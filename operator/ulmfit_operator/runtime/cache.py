@@ -93,5 +93,6 @@ def _relevant(child: Child) -> tuple[Any, ...]:
         child.deleting,
         child.stopped,
         child.started,
+        child.resumed,
         child.owner_uid,
     )

@@ -45,12 +45,14 @@ from ulmfit_operator.children import (
     stop_patch,
 )
 from ulmfit_operator.metrics import OperatorMetrics
+from ulmfit_operator.observations import pod_report
 from ulmfit_operator.reconcile import (
     CreateObject,
     Decision,
     DeleteChild,
     DeleteJob,
     Event,
+    NeedPods,
     NeedStore,
     Observation,
     StopChild,
@@ -158,6 +160,7 @@ class Controller:
         key = (meta.get("namespace", ""), meta.get("name", ""))
         if event_type == "DELETED":
             self.view.drop_job(key)
+            self.metrics.jobs.drop(*key)
             with self._written_lock:
                 self._written.pop(key, None)
             return
@@ -324,11 +327,20 @@ class Controller:
                 rayjob_available=self.rayjob_available,
                 policy=self.policy,
             )
+            if isinstance(decision, NeedPods):
+                observation = observation.with_pods(decision.child, self._pod_report(decision))
+                continue
             if not isinstance(decision, NeedStore):
                 return decision if read is None else _store_readable(job, decision, read, now)
             observation = self._read(decision, observation)
             read = decision.s3
         raise RuntimeError("reconcile kept asking for store facts")
+
+    def _pod_report(self, need: NeedPods) -> str:
+        """Why a child's pods have not started (asked for only once its pending deadline has
+        passed, so pods need no watch of their own)."""
+        pods = self.kube.list("v1", "pods", need.namespace, need.selector)
+        return pod_report(pods)
 
     def _read(self, need: NeedStore, observation: Observation) -> Observation:
         assert need.s3 is not None
@@ -455,6 +467,7 @@ class Controller:
                     raise Conflict() from error
                 if error.status == 404:
                     self.view.drop_job(key)
+                    self.metrics.jobs.drop(*key)
                     return
                 raise
             for stage, seconds in decision.completed_stages:
@@ -463,6 +476,7 @@ class Controller:
             # decision repeated from a stale view does not announce the same thing twice).
             self._status_written(key, updated, decision.events)
         self.view.set_state(key, decision.state)
+        self.metrics.jobs.update(key[0], key[1], decision.gauges)
 
     def _status_written(self, key: Key, updated: dict[str, Any], events: Sequence[Event]) -> None:
         """After a status patch: the view gets the job as written, then the events are posted.
