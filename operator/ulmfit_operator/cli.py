@@ -14,6 +14,7 @@ from ulmfit_trainer.errors import InvalidSpec, UlmfitError
 
 from ulmfit_operator.api import ULMFiTJob, load_job_file
 from ulmfit_operator.settings import OperatorSettings, operator_command
+from ulmfit_operator.terminal.commands import register as register_terminal_commands
 
 EXIT_INVALID_SPEC = 2
 EXIT_FAILED = 1
@@ -260,6 +261,10 @@ def predict(
     code = process.wait()
     if code:
         raise typer.Exit(code)
+
+
+# The cluster verbs (get, describe, logs, dashboard, suspend, resume); also `kubectl ulmfit`.
+register_terminal_commands(app)
 
 
 def main() -> None:
