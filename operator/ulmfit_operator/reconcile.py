@@ -223,7 +223,14 @@ class _Job:
     # -- shaping the decision
 
     def delete_active(self) -> None:
-        self.actions.extend(DeleteChild(child.ref) for child in self.children if child.active)
+        """Delete the active children, except those this decision stops: a stopped attempt
+        stays as the record of why it failed."""
+        stopping = {a.child for a in self.actions if isinstance(a, StopChild)}
+        self.actions.extend(
+            DeleteChild(child.ref)
+            for child in self.children
+            if child.active and child.ref not in stopping
+        )
 
     def set_condition(self, kind: ConditionType, holds: bool, reason: str, message: str) -> None:
         condition = Condition(

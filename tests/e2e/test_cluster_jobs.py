@@ -28,6 +28,7 @@ from ulmfit_operator.api import Metadata, ULMFiTJob
 from ulmfit_trainer.records import CheckpointRecord, parse_checkpoint_record
 
 from tests.harness.cluster import ClusterOperator
+from tests.harness.kueue import node_kueue  # noqa: F401 - fixture
 from tests.harness.ports import free_port, wait_for
 from tests.harness.s3 import SeaweedS3
 from tests.harness.tools import Tool
@@ -452,6 +453,56 @@ def test_pods_that_cannot_start_fail_the_job_with_the_kubelets_own_reason(
     child = cluster.get("pytorchjob", entry["child"])
     stopped = child["metadata"]["annotations"]["ulmfit.io/stopped"]
     assert stopped.startswith("PendingDeadlineExceeded"), stopped
+
+
+# --- 3c: a queued job under the real Kueue ------------------------------------------------------
+
+
+@pytest.mark.usefixtures("node_kueue")
+def test_queued_job_runs_every_stage_as_kueue_admits_it(
+    cluster: Cluster,
+    cluster_operator: ClusterOperator,
+    cluster_s3: SeaweedS3,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """`spec.queueName` under the real Kueue controller: each stage's child is created suspended
+    with the queue label, Kueue admits it within the ClusterQueue's quota (one pod's worth at a
+    time), the real controllers run it, and the job succeeds. Kueue made one Workload per child
+    and admitted each; no stage needed a second attempt."""
+    from tests.harness.kueue import create_queue, delete_queue
+
+    with cluster.node.api_client() as api:
+        queue = create_queue(api, cluster.namespace, {"cpu": "1", "memory": "3Gi"})
+    try:
+        job = tiny_job("queued", cluster_operator, cluster_s3, bucket, **{
+            "queueName": queue.local_queue,
+            "stages.classifier.unfreezePhases": 1,
+        })  # fmt: skip
+        cluster.apply(job, tmp_path)
+        finished = cluster.wait_finished("queued")
+        conditions = {c["type"]: c for c in finished["status"]["conditions"]}
+        assert conditions["Succeeded"]["status"] == "True", cluster.describe("queued")
+        stages = stages_by_name(finished)
+        ran = [entry for entry in stages.values() if entry.get("child")]
+        children = [entry["child"] for entry in ran]
+        assert len(ran) == 3 and all(entry["attempts"] == 1 for entry in ran), stages
+        for name in children[:2]:
+            pytorchjob = cluster.get("pytorchjob", name)
+            assert pytorchjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == (
+                queue.local_queue
+            )
+        workloads = cluster.get("workloads.kueue.x-k8s.io")["items"]
+        admitted = {
+            ref["name"]
+            for w in workloads
+            for ref in w["metadata"].get("ownerReferences") or []
+            if any(c["type"] == "Admitted" for c in w["status"].get("conditions") or [])
+        }
+        assert set(children) <= admitted, (children, admitted)
+    finally:
+        with cluster.node.api_client() as api:
+            delete_queue(api, queue)
 
 
 # --- 4: a Ray Tune sweep under the real KubeRay operator ------------------------------------------

@@ -349,3 +349,25 @@ def kueue(kube_cluster: ControlPlane) -> Iterator[KueueController]:
         yield controller
     if not os.environ.get("ULMFIT_KEEP_CONTROLPLANE"):
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def node_kueue(node_cluster: Any) -> Iterator[KueueController]:
+    """Kueue on the one-node cluster (tests/harness/cluster.py), as its admin: there the real
+    Training Operator, Job controller, kubelet and garbage collector do the rest."""
+    from kubernetes import client
+
+    why_not = KueueController.can_run()
+    parts.require(why_not is None, "the Kueue controller", str(why_not))
+    binary = kueue_dir() / "kueue"
+    with node_cluster.api_client() as api:
+        install_kueue_crds(api)
+        with contextlib.suppress(Exception):  # 409: it exists
+            client.CoreV1Api(api).create_namespace(
+                client.V1Namespace(metadata=client.V1ObjectMeta(name="kueue-system"))
+            )
+    workdir = Path(tempfile.mkdtemp(prefix="ulmfit-kueue-node-"))
+    with KueueController(binary, Path(node_cluster.kubeconfig), workdir) as controller:
+        yield controller
+    if not os.environ.get("ULMFIT_KEEP_CLUSTER"):
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -14,6 +14,7 @@ from ulmfit_operator.observations import NeedPods, pod_report
 from ulmfit_operator.reconcile import (
     CreateObject,
     Decision,
+    DeleteChild,
     NeedStore,
     Observation,
     StopChild,
@@ -220,6 +221,9 @@ def test_the_pending_deadline_can_use_up_the_backoff_limit() -> None:
     )
     failed = condition(decision.status or {}, "Failed")
     assert failed is not None and failed["reason"] == "BackoffLimitExceeded"
+    # The stopped attempt stays (suspended, annotated) as the record; it is not deleted.
+    assert [a.child.name for a in _stops(decision)] == [pending.name]
+    assert not [a for a in decision.actions if isinstance(a, DeleteChild)]
     assert "PendingDeadlineExceeded: pod topics-finetune-a1-master-0: Unschedulable" in (
         failed["message"]
     )
