@@ -133,12 +133,26 @@ def test_operator_walks_a_job_through_every_stage(
         # Progress shows up in the status while the stage runs.
         trainer.set_status(child, "Running")
         trainer.progress(ns, name, stage, 63, 100, phase=2, phases=4, run=run)
-        wait_job(
+        live = wait_job(
             admin,
             ns,
             name,
             lambda j, s=stage: (j.get("status") or {}).get("progress") == f"{s} phase 2/4, 63%",
             f"progress of {stage}",
+        )
+        # ... with the trainer's numbers in the stage's entry, and per-job gauges on /metrics.
+        [entry] = [e for e in live["status"]["stages"] if e["name"] == stage]
+        assert entry["progress"]["step"] == 63 and entry["progress"]["totalSteps"] == 100
+        assert entry["progress"]["loss"] == 2.5
+        assert entry["progress"]["tokensPerSecond"] == 1000.0
+        # (set just after the status patch lands, so it may trail the status by a moment)
+        wait_for(
+            lambda s=stage: operator.metric(
+                "ulmfit_stage_progress_ratio", namespace=ns, job=name, stage=s
+            )
+            == pytest.approx(0.63),
+            10,
+            f"the progress gauge of {stage}",
         )
         metrics = evaluation_metrics(0.875, 0.31) if stage == "evaluate" else {"loss": 1.5}
         extra = {"modelUri": f"s3://{s3_bucket}/runs/{run}/model"} if stage == "evaluate" else {}
