@@ -19,7 +19,14 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
-from ulmfit_trainer.config import BLANK, S3_OBJECT_URI, S3_URI_SHAPE, TUNABLE
+from ulmfit_trainer.config import (
+    BLANK,
+    PRETRAINED_SHAPE,
+    PRETRAINED_URI,
+    S3_OBJECT_URI,
+    S3_URI_SHAPE,
+    TUNABLE,
+)
 
 from ulmfit_operator.api import (
     GROUP,
@@ -93,6 +100,23 @@ def _s3_uri_rule(validator: str, field: str, *, optional: bool) -> CelRule:
         message_expression=f"'{field} \\'%s\\' {S3_URI_SHAPE}'.format([{value}])",
         message=f"{field} {S3_URI_SHAPE}",
         field_path=f".{field}",
+    )
+
+
+def _pretrained_rule(validator: str) -> CelRule:
+    """The CEL twin of `config.pretrained_problem` for an optional `pretrained` field: one rule
+    (one message) for every malformed form, as the validator raises one."""
+    value = "self.pretrained"
+    return CelRule(
+        validator=validator,
+        rule=(
+            f"!has({value}) || ({value}.startsWith('s3://')"
+            f" ? {value}.matches({_cel_regex(S3_OBJECT_URI)})"
+            f" : (!{value}.contains('://') || {value}.matches({_cel_regex(PRETRAINED_URI)})))"
+        ),
+        message_expression=f"'pretrained \\'%s\\' {PRETRAINED_SHAPE}'.format([{value}])",
+        message=f"pretrained {PRETRAINED_SHAPE}",
+        field_path=".pretrained",
     )
 
 
@@ -249,8 +273,8 @@ CEL_RULES: dict[str, list[CelRule]] = {
         ),
         _s3_uri_rule("DataSpec._dataset_shape", "dataset", optional=False),
     ],
-    "ModelSpec": [_s3_uri_rule("ModelSpec._pretrained_shape", "pretrained", optional=True)],
-    "TokenizerSpec": [_s3_uri_rule("TokenizerSpec._pretrained_shape", "pretrained", optional=True)],
+    "ModelSpec": [_pretrained_rule("ModelSpec._pretrained_shape")],
+    "TokenizerSpec": [_pretrained_rule("TokenizerSpec._pretrained_shape")],
     "ArchitectureSpec": [
         CelRule(
             validator="ArchitectureSpec._heads_divide_width",

@@ -53,6 +53,38 @@ BLANK = r"^[ \t\n\r\f]*$"
 """Empty or only whitespace (RE2 and Python agree on this class)."""
 
 
+BUILTIN_BACKBONE = r"builtin://[a-z0-9][a-z0-9._-]*"
+"""`builtin://NAME`: a backbone shipped in an installed Python package (listed in `backbones`)."""
+
+HF_REPO = r"hf://([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?"
+"""`hf://[ORG/]NAME[@REVISION]`: a Hugging Face Hub repository, resolved through its cache."""
+
+PRETRAINED_URI = rf"^(file://.*|{BUILTIN_BACKBONE}|{HF_REPO})$"
+"""The non-S3 URIs `pretrained` accepts (a value without `://` is a directory). Shared with the
+CRD's CEL rule, so plain classes only."""
+
+PRETRAINED_SHAPE = (
+    "is not an s3://bucket/key URI (a bucket name of 3-63 lowercase letters, digits, dots,"
+    " hyphens and a key under it), builtin://NAME, hf://[ORG/]NAME[@REVISION], file:// URI or"
+    " directory"
+)
+"""What `pretrained_problem` says after the field and its value (the CRD's rule says the same):
+one sentence for every malformed form, so the CEL rule and the validator stay one pair."""
+
+
+def pretrained_problem(field: str, value: str) -> str | None:
+    """Why `value` (of a `pretrained` field) names no model or tokenizer the trainer can resolve
+    (a malformed `s3://`, `builtin://` or `hf://` URI, another scheme), or None when it is fine."""
+    if value.startswith("s3://"):
+        fine = bool(re.search(S3_OBJECT_URI, value))
+    elif "://" in value:
+        # Python's `$` also matches before a final newline; RE2's (the CRD's) does not.
+        fine = bool(re.search(PRETRAINED_URI, value)) and not value.endswith("\n")
+    else:
+        fine = True
+    return None if fine else f"{field} '{value}' {PRETRAINED_SHAPE}"
+
+
 def s3_uri_problem(field: str, value: str) -> str | None:
     """Why `value` (of `field`) is an `s3://` URI that cannot be fetched (`s3://`, `s3:///key`,
     a bad bucket name, a whole bucket), or None when it is fine or not an `s3://` URI at all."""
@@ -241,16 +273,20 @@ class ModelSpec(WireModel):
 
     family: ModelFamily = ModelFamily.CAUSAL
     """`causal` (GPT-2 family, next-token LM) or `masked` (BERT family, masked-token LM)."""
-    pretrained: str | None = None
-    """A local path or `s3://` URI of a transformers model directory (`save_pretrained`
-    layout). When empty, the model is built from `architecture` with random weights."""
+    # Bounded: the API server prices the CRD's CEL rule on this string by its longest length.
+    pretrained: Annotated[str, Field(max_length=1024)] | None = None
+    """A transformers model directory (`save_pretrained` layout): a local path, an `s3://` URI,
+    `builtin://NAME` (a backbone shipped in an installed Python package, e.g.
+    `builtin://all-minilm-l6-v2`) or `hf://[ORG/]NAME[@REVISION]` (the Hugging Face Hub, through
+    its cache; `HF_HUB_OFFLINE=1` reads only the cache). Without `tokenizer.pretrained`, its own
+    tokenizer is used. When empty, the model is built from `architecture` with random weights."""
     architecture: ArchitectureSpec = Field(default_factory=ArchitectureSpec)
     """Shape of a from-scratch model (ignored when `pretrained` is set)."""
 
     @field_validator("pretrained")
     @classmethod
     def _pretrained_shape(cls, value: str | None) -> str | None:
-        if value is not None and (problem := s3_uri_problem("pretrained", value)):
+        if value is not None and (problem := pretrained_problem("pretrained", value)):
             raise ValueError(problem)
         return value
 
@@ -258,9 +294,12 @@ class ModelSpec(WireModel):
 class TokenizerSpec(WireModel):
     """The tokenizer: a pretrained one, or a byte-level BPE trained on the corpus."""
 
-    pretrained: str | None = None
-    """A local path or `s3://` URI of a tokenizer directory. When empty, a byte-level BPE is
-    trained offline on the job's texts by the first LM stage and stored with the job."""
+    # Bounded: the API server prices the CRD's CEL rule on this string by its longest length.
+    pretrained: Annotated[str, Field(max_length=1024)] | None = None
+    """A tokenizer directory: a local path, an `s3://` URI, `builtin://NAME` or
+    `hf://[ORG/]NAME[@REVISION]`. When empty, `model.pretrained`'s own tokenizer is used, or
+    without one a byte-level BPE is trained offline on the job's texts by the first LM stage and
+    stored with the job."""
     vocab_size: Annotated[int, Field(ge=260, le=262144)] = 8000
     """Vocabulary size of a trained tokenizer (byte-level BPE needs at least 260)."""
     lowercase: bool = False
@@ -269,7 +308,7 @@ class TokenizerSpec(WireModel):
     @field_validator("pretrained")
     @classmethod
     def _pretrained_shape(cls, value: str | None) -> str | None:
-        if value is not None and (problem := s3_uri_problem("pretrained", value)):
+        if value is not None and (problem := pretrained_problem("pretrained", value)):
             raise ValueError(problem)
         return value
 

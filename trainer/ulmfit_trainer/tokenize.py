@@ -24,7 +24,9 @@ from tokenizers import (
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ulmfit_trainer.backbones import family_of, has_tokenizer, model_config
 from ulmfit_trainer.config import ModelFamily, StageConfig
+from ulmfit_trainer.errors import InvalidSpec
 from ulmfit_trainer.store import CheckpointStore, fetch
 
 log = logging.getLogger(__name__)
@@ -107,13 +109,30 @@ def job_tokenizer(
 ) -> tuple[PreTrainedTokenizerBase, Path]:
     """The tokenizer every stage of this job uses, and a local directory holding it.
 
-    A pretrained one is fetched as given. Otherwise the store's ``<run>/tokenizer/`` is used, and
+    A pretrained one is fetched as given (and checked against ``model.pretrained``). Without one,
+    a pretrained model brings its own. Otherwise the store's ``<run>/tokenizer/`` is used, and
     when it is not there yet rank 0 trains one on ``texts()`` and uploads it while the other ranks
     wait at ``barrier``.
     """
-    local = Path(workdir or tempfile.mkdtemp(prefix="ulmfit-tokenizer-")) / "tokenizer"
+    work = Path(workdir or tempfile.mkdtemp(prefix="ulmfit-tokenizer-"))
+    local = work / "tokenizer"
     if config.tokenizer.pretrained:
-        directory = fetch(config.tokenizer.pretrained, local, config.s3)
+        uri = config.tokenizer.pretrained
+        directory = fetch(uri, local, config.s3, field="tokenizer.pretrained")
+        tokenizer = load_tokenizer(directory)
+        if config.model.pretrained:
+            check_pair(config, tokenizer, directory, work / "pretrained-config")
+        return tokenizer, Path(directory)
+    if config.model.pretrained:
+        # The backbone's embeddings were learned for its own token ids: a BPE trained here would
+        # feed it other tokens under the same ids.
+        uri = config.model.pretrained
+        directory = fetch(uri, work / "pretrained", config.s3, field="model.pretrained")
+        if not has_tokenizer(directory):
+            raise InvalidSpec([(
+                "model.pretrained", uri,
+                "the model directory holds no tokenizer: set tokenizer.pretrained",
+            )])  # fmt: skip
         return load_tokenizer(directory), Path(directory)
     store = checkpoints.store
     prefix = checkpoints.artifact_key("tokenizer")
@@ -131,3 +150,39 @@ def job_tokenizer(
     if not (local / TOKENIZER_FILE).exists():
         store.get_dir(prefix, local)
     return load_tokenizer(local), local
+
+
+def check_pair(
+    config: StageConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_dir: str | Path,
+    workdir: str | Path,
+) -> None:
+    """`InvalidSpec` naming both fields when ``tokenizer.pretrained`` clearly does not belong to
+    ``model.pretrained``: ids past the model's embedding rows (resizing would train them from
+    random), or a tokenizer saved with a model of the other family."""
+    model_uri = str(config.model.pretrained)
+    if model_uri.startswith("s3://"):
+        # Only its config is needed here; the stage fetches the weights.
+        key = model_uri.rstrip("/") + "/config.json"
+        path = fetch(key, Path(workdir) / "config.json", config.s3)
+        model = model_config(path.parent)
+    else:
+        model = model_config(fetch(model_uri, workdir, config.s3, field="model.pretrained"))
+    if model is None:
+        return
+    value = f"{config.tokenizer.pretrained} / {model_uri}"
+    rows = model.get("vocab_size")
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise InvalidSpec([(
+            "tokenizer.pretrained / model.pretrained", value,
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings only {rows}"
+            " rows: give the model's own tokenizer (or leave tokenizer.pretrained empty)",
+        )])  # fmt: skip
+    model_family = family_of(model)
+    tokenizer_family = family_of(model_config(tokenizer_dir))
+    if model_family and tokenizer_family and model_family != tokenizer_family:
+        raise InvalidSpec([(
+            "tokenizer.pretrained / model.pretrained", value,
+            f"the tokenizer belongs to a {tokenizer_family} model, the model is {model_family}",
+        )])  # fmt: skip

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ulmfit_trainer.backbones import check_family
 from ulmfit_trainer.config import ClassifierStageSpec, HeadKind, LossKind, ModelFamily, StageConfig
 from ulmfit_trainer.data import Encoded, ShardedOrder, encode_classification, eval_shard, pad_batch
 from ulmfit_trainer.engine import Engine, Progress
@@ -247,7 +248,11 @@ def initial_backbone(ctx: Context, tokenizer, tok_hash: str, init_dir: Path | No
         ctx.check_tokenizer(c.init_from, tok_hash)
         return load_backbone(init_dir)
     if c.model.pretrained:
-        return load_backbone(fetch(c.model.pretrained, ctx.work / "pretrained", c.s3))
+        directory = fetch(
+            c.model.pretrained, ctx.work / "pretrained", c.s3, field="model.pretrained"
+        )
+        check_family(c.model.family, c.model.pretrained, directory)
+        return load_backbone(directory)
     # No LM stage before this one: a from-scratch baseline.
     lm = build_lm(c.model.family, c.model.architecture, len(tokenizer), special_ids(tokenizer))
     return lm.base_model

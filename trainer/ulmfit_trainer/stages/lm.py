@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedModel
 
+from ulmfit_trainer.backbones import check_family
 from ulmfit_trainer.config import ModelFamily, StageConfig, StageName
 from ulmfit_trainer.data import ShardedOrder, eval_shard, lm_blocks, lm_texts
 from ulmfit_trainer.engine import Engine, Progress
@@ -149,7 +150,10 @@ def initial_model(ctx: Context, tokenizer, tok_hash: str, init_dir: Path | None)
         ctx.check_tokenizer(c.init_from, tok_hash)
         return load_lm(family, init_dir, len(tokenizer))
     if c.model.pretrained:
-        directory = fetch(c.model.pretrained, ctx.work / "pretrained", c.s3)
+        directory = fetch(
+            c.model.pretrained, ctx.work / "pretrained", c.s3, field="model.pretrained"
+        )
+        check_family(family, c.model.pretrained, directory)
         return load_lm(family, directory, len(tokenizer))
     return build_lm(family, c.model.architecture, len(tokenizer), special_ids(tokenizer))
 

@@ -167,7 +167,8 @@ def _prepare_tokenizer(config: StageConfig, checkpoints: CheckpointStore) -> Non
     """Train the job's tokenizer once, here, when no stage did yet: concurrent trials would each
     train and upload their own."""
     marker = f"{checkpoints.artifact_key('tokenizer')}/tokenizer.json"  # tokenize.TOKENIZER_FILE
-    if config.tokenizer.pretrained or checkpoints.store.exists(marker):
+    # A pretrained tokenizer, or a pretrained model's own, needs no training.
+    if config.tokenizer.pretrained or config.model.pretrained or checkpoints.store.exists(marker):
         return
     from ulmfit_trainer.data import load_dataset
     from ulmfit_trainer.tokenize import job_tokenizer

@@ -57,14 +57,23 @@ def _store_for(uri: str, s3: S3Settings | None) -> tuple[Store, str]:
     raise StoreError(f"not an s3:// URI: {uri!r}")
 
 
-def fetch(uri: str | Path, dest: str | Path, s3: S3Settings | None = None) -> Path:
+def fetch(
+    uri: str | Path, dest: str | Path, s3: S3Settings | None = None, *, field: str = "pretrained"
+) -> Path:
     """Make the file or directory at `uri` available locally and return its local path.
 
     A local path (or `file://` URI) is returned as it is. An `s3://` URI naming one object is
     downloaded to `dest` (into it, when `dest` is an existing directory); one naming a prefix is
-    downloaded as a directory tree to `dest`.
+    downloaded as a directory tree to `dest`. A `builtin://NAME` backbone is the directory its
+    installed package ships, an `hf://ORG/NAME[@REVISION]` one its snapshot in the Hugging Face
+    cache (neither is copied to `dest`). `field` is the spec field `uri` came from, for errors.
     """
     uri = str(uri)
+    if uri.startswith(("builtin://", "hf://")):
+        # Imported here: only a pretrained backbone needs it, and it may import huggingface_hub.
+        from ulmfit_trainer.backbones import resolve
+
+        return resolve(uri, field)
     if not uri.startswith("s3://"):
         return Path(urlsplit(uri).path if uri.startswith("file://") else uri)
     store, key = _store_for(uri, s3)
