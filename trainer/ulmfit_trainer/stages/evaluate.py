@@ -5,7 +5,10 @@ tuned on validation), predicts the test split (each rank a share), and reports
 accuracy, macro-F1, a per-class report, the confusion matrix, the majority-class baseline and the
 expected calibration error. The model goes to ``<run>/model/`` in plain transformers layout
 (``AutoModel`` / ``AutoTokenizer.from_pretrained`` load it; id2label in its config) with the head
-beside it, and the full report to ``<run>/evaluate/metrics.json``. The stage's metrics are a
+beside it, the transformers module that runs backbone and head together
+(``AutoModelForSequenceClassification`` / ``pipeline`` with ``trust_remote_code``, see
+``hf_export``) and a model card (``README.md``); the full report goes to
+``<run>/evaluate/metrics.json``. The stage's metrics are a
 ``records.EvaluationSummary``: its keys are what the operator and the local runner read.
 """
 
@@ -14,15 +17,19 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from ulmfit_trainer import hf_export
 from ulmfit_trainer.config import HeadKind, LossKind, StageConfig, StageName
 from ulmfit_trainer.data import encode_classification, eval_shard, pad_batch
 from ulmfit_trainer.engine import Progress
 from ulmfit_trainer.errors import PermanentError
-from ulmfit_trainer.models import UlmfitClassifier, probabilities
+from ulmfit_trainer.models import HeadSettings, UlmfitClassifier, probabilities
 from ulmfit_trainer.records import EvaluationSummary, StageResult
 from ulmfit_trainer.stages import Context
 from ulmfit_trainer.tokenize import load_tokenizer
@@ -90,7 +97,8 @@ def run(config: StageConfig) -> dict[str, float]:
         )  # fmt: skip
         summary = EvaluationSummary.model_validate(report["summary"])
         metrics = summary.to_wire()
-        model_uri = export(ctx, model_dir)
+        card = card_facts(ctx, dataset, settings, model.backbone.config.to_dict(), report)
+        model_uri = export(ctx, model_dir, settings, tokenizer, card)
         report["modelUri"] = model_uri
         text = json.dumps(report, indent=2, sort_keys=True) + "\n"
         ctx.checkpoints.store.put_bytes(
@@ -109,12 +117,89 @@ def run(config: StageConfig) -> dict[str, float]:
     return metrics
 
 
-def export(ctx: Context, model_dir) -> str:
-    """Copy the classifier's export (backbone, head, tokenizer) to ``<run>/model/``."""
+def export(
+    ctx: Context,
+    model_dir: Path,
+    settings: HeadSettings,
+    tokenizer: Any,
+    card: hf_export.CardFacts,
+) -> str:
+    """Copy the classifier's export (backbone, head, tokenizer) to ``<run>/model/``, with the
+    transformers module that runs it (``trust_remote_code``) and its model card."""
+    staging = ctx.work / "export-model"
+    shutil.rmtree(staging, ignore_errors=True)
+    # A copy: the downloaded classifier checkpoint stays as its stage committed it.
+    shutil.copytree(model_dir, staging)
+    cut = hf_export.truncation(tokenizer, settings.document_tokens)
+    try:
+        hf_export.add_remote_code(staging, dict(settings.__dict__), cut)
+    except hf_export.UnsupportedHead as error:
+        # The model itself is fine: ulmfit predict and the bare AutoModel still read it.
+        log.warning("%s; the export is for ulmfit predict only", error)
+        card.remote_code, card.remote_code_note = False, str(error)
+    (staging / hf_export.MODEL_CARD).write_text(hf_export.model_card(card), encoding="utf-8")
     store, key = ctx.checkpoints.store, ctx.checkpoints.artifact_key("model")
     store.delete_prefix(key + "/")
-    store.put_dir(key, model_dir)
+    store.put_dir(key, staging)
     return store.uri(key)
+
+
+# Hyperparameters a model card lists for the classifier stage (wire names of the spec).
+_CARD_CLASSIFIER_KEYS = (
+    "head", "learningRate", "unfreezePhases", "epochsPerPhase", "finalEpochs", "batchSize",
+    "discriminativeFactor", "lrDecayPerPhase", "dropout", "headHiddenSize", "loss",
+    "labelSmoothing", "classWeighting", "tuneThresholds",
+)  # fmt: skip
+
+
+def card_facts(
+    ctx: Context, dataset: Any, settings: HeadSettings, backbone: dict[str, Any], report: dict
+) -> hf_export.CardFacts:
+    """What the model card says, from this stage's config and the earlier stages' records."""
+    c = ctx.config
+    stages = []
+    model = c.model
+    origin = f"pretrained `{model.pretrained}`" if model.pretrained else "built from scratch"
+    for name in (StageName.PRETRAIN, StageName.FINETUNE, StageName.TUNE, StageName.CLASSIFIER):
+        final = ctx.checkpoints.final(name.value)
+        if final is None:
+            continue
+        meta = final.meta
+        details: dict[str, Any] = {}
+        if name in (StageName.PRETRAIN, StageName.FINETUNE):
+            details = {"steps": meta.get("step"), "family": meta.get("family")}
+        elif name == StageName.TUNE:
+            details = dict(meta.get("bestParams") or meta.get("best_params") or {})
+        elif c.classifier is not None:
+            wire = c.classifier.to_wire()
+            details = {key: wire[key] for key in _CARD_CLASSIFIER_KEYS if key in wire}
+            details["phases run"] = len(meta.get("history", []))
+        stages.append(hf_export.StageSummary(
+            name.value,
+            {k: v for k, v in details.items() if v is not None},
+            _scalars(meta.get("metrics", {})),
+        ))  # fmt: skip
+    sizes = {split: len(dataset.texts(split)) for split in ("train", "valid", "test", "unlabeled")
+             if dataset.has(split)}  # fmt: skip
+    return hf_export.CardFacts(
+        run=c.run,
+        dataset=c.data.dataset,
+        labels=list(settings.labels),
+        multi_label=settings.multi_label,
+        split_sizes=sizes,
+        backbone={**backbone, "origin": origin},
+        head=dict(settings.__dict__),
+        stages=stages,
+        test_metrics=_scalars(report.get("summary", {})),
+        per_class=report.get("perClass", {}),
+    )
+
+
+def _scalars(values: dict) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------- scoring
