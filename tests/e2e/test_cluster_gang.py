@@ -86,7 +86,11 @@ def test_a_two_pod_stage_is_one_gang_and_waits_whole_until_its_pending_deadline(
         "runPolicy.backoffLimit": 0,
     })  # fmt: skip
     cluster.apply(job, tmp_path)
-    entry = cluster.wait_stage("gang", "finetune", {"Pending", "Running", "Failed"})
+    def created() -> dict[str, Any] | None:
+        stages = cluster.job("gang").get("status", {}).get("stages") or []
+        return next((e for e in stages if e.get("child")), None)
+
+    entry = wait_for(created, 120, "the first stage's first attempt", interval=2)
 
     def podgroup() -> dict[str, Any] | None:
         found = cluster.get("podgroups.scheduling.x-k8s.io")["items"]
@@ -97,7 +101,7 @@ def test_a_two_pod_stage_is_one_gang_and_waits_whole_until_its_pending_deadline(
     assert group["spec"].get("scheduleTimeoutSeconds") == 60, group
 
     def pods() -> list[dict[str, Any]] | None:
-        found = cluster.get("pods", selector="ulmfit.io/job=gang,ulmfit.io/stage=finetune")
+        found = cluster.get("pods", selector=f"ulmfit.io/job=gang,ulmfit.io/stage={entry['name']}")
         return found["items"] if len(found["items"]) == 2 else None
 
     for pod in wait_for(pods, 120, "both pods of the gang", interval=2):
