@@ -6,7 +6,8 @@ object (spec, metadata, the status cache), the children found in the cluster, wh
 (`JobPolicy`: S3 endpoints, trainer images), and returns a `Decision`: children to create, stop
 or delete, the new status (None when nothing changed) and events. No I/O happens here; when it
 needs a store fact it has not been given, it returns `NeedStore(stage, what)` and the caller
-reads it and asks again (so the store is read only as far as the decision needs).
+reads it and asks again (so the store is read only as far as the decision needs); likewise
+`NeedPods` for why an attempt's pods have not started, asked only once its deadline passed.
 
 The fixed order, as in Kubeflow's controllers:
 
@@ -22,9 +23,13 @@ The fixed order, as in Kubeflow's controllers:
    (the K co-trained models of a round are ready together); none ready: Succeeded;
 5. suspend (delete running children, keep checkpoints) and resume;
 6. active deadline;
-7. backoff limit (failed attempts of each ready stage, counted per stage);
+7. backoff limit (failed attempts of each ready stage, counted per stage; the trainer's error
+   line of a new failure is read from the store once, and kept in the status);
 8. progress watchdog, per ready stage (a running attempt whose progress is stale is stopped:
-   a failed attempt);
+   a failed attempt), then the pending deadline (an attempt whose pods have not started
+   pendingDeadlineSeconds after it was made, or admitted by its queue, is stopped with its
+   pods' own reasons). An attempt a queue (Kueue) holds suspended waits: it is neither failed
+   nor timed, and no other attempt starts beside it;
 9. exactly one child per ready stage: create its next attempt when none is active (the job's
    NetworkPolicy ahead of its first child, when the operator fences pods; a tune stage also gets
    its dashboard Service);
