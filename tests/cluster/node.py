@@ -484,16 +484,14 @@ disabled_plugins = [
                 return False
         return True
 
-    def restart_training_operator(self, threads: int = 0, gang_scheduler: str = "") -> None:
-        """Run the Training Operator again with `--controller-threads=threads` (benchmarks) or
-        `--gang-scheduler-name=gang_scheduler` (PodGroups for gang scheduling; "" turns it off
-        again)."""
+    def restart_training_operator(self, threads: int) -> None:
+        """Run the Training Operator again with `--controller-threads=threads` (benchmarks)."""
         for process in [p for p in self.processes if p.name == "training-operator"]:
             process.stop()
             self.processes.remove(process)
-        self._start_training_operator(threads, gang_scheduler)
+        self._start_training_operator(threads)
 
-    def _start_training_operator(self, threads: int = 0, gang_scheduler: str = "") -> None:
+    def _start_training_operator(self, threads: int = 0) -> None:
         """The Training Operator with its validating webhook really in the admission path.
 
         Its certificate rotator writes a serving certificate for `training-operator.kubeflow.svc`
@@ -525,7 +523,6 @@ disabled_plugins = [
                 f"--webhook-server-port={webhook_port}",
                 f"--controller-threads={threads or TRAINING_OPERATOR_THREADS}",
                 *self._init_container_flags(),
-                *([f"--gang-scheduler-name={gang_scheduler}"] if gang_scheduler else []),
                 "--leader-elect=false",
             ],
             env={"MY_POD_NAMESPACE": CONTROLLERS_NAMESPACE},
