@@ -137,14 +137,15 @@ def init_distributed(use_deepspeed: bool = True) -> Dist:
 
     Without ``use_deepspeed`` (inference-only stages) DeepSpeed is not even imported.
     """
-    if "RANK" not in os.environ:  # a plain `python -m ulmfit_trainer`: a job of one process
+    solo = "RANK" not in os.environ  # a plain `python -m ulmfit_trainer`: a job of one process
+    if solo:
         os.environ.update(
             RANK="0",
             WORLD_SIZE="1",
             LOCAL_RANK="0",
             LOCAL_WORLD_SIZE="1",
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
+            MASTER_PORT=str(_free_port()),  # read by DeepSpeed's checks; nothing binds it
         )
     gpu = torch.cuda.is_available()
     if not gpu:
@@ -161,15 +162,23 @@ def init_distributed(use_deepspeed: bool = True) -> Dist:
             # Processes on one node share its cores; oversubscription slows every one of them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     backend = "nccl" if gpu else "gloo"
-    if torch_dist.is_initialized():
-        pass
-    elif use_deepspeed:
+    if solo and not torch_dist.is_initialized():
+        # A group of one needs no rendezvous. A TCP store on a port picked beforehand could lose
+        # it to another process between the pick and the bind; an in-process store cannot.
+        torch_dist.init_process_group(
+            backend,
+            store=torch_dist.HashStore(),
+            rank=0,
+            world_size=1,
+            device_id=device if gpu else None,
+        )
+    if use_deepspeed:
         import deepspeed
 
         if not gpu:
             _limit_shm_comm()
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    else:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # adopts a group made above
+    elif not torch_dist.is_initialized():
         torch_dist.init_process_group(backend, device_id=device if gpu else None)
     rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
     return Dist(rank, world, local_rank, local_world, device)

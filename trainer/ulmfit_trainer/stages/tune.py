@@ -419,7 +419,7 @@ def run_trial(params: dict[str, Any], stage: dict[str, Any]) -> None:
 
 
 def _single_process(cpus: float) -> None:
-    """Make this Ray worker a process group of one on a free port, with its share of threads.
+    """Make this Ray worker a process group of one, with its share of threads.
 
     A Ray worker inherits the driver's environment, which under torchrun names the launcher's
     rendezvous; every trial would join the same one.
