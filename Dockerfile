@@ -8,8 +8,8 @@
 # `operator` is the controller: slim Python with the `operator` extra only (no torch).
 # `trainer` is what trainer pods run: CUDA + torch + transformers + DeepSpeed + Ray Tune.
 #
-# Both build stages install the project into /opt/venv the same way, with one script that they
-# run twice, docker/install-python-project.sh (the stage's ENV EXTRAS names the extras): first
+# Both targets install the project into /opt/venv the same way, with one script that they
+# run twice, docker/install-python-project.sh (ENV EXTRAS names the extras): first
 # `dependencies`, the requirements named in pyproject.toml, in a layer that depends on
 # pyproject.toml, requirements.lock and the script alone; then, after the source is copied,
 # `project`, the project itself. Editing the source reinstalls only the project. requirements.lock
@@ -84,7 +84,7 @@ RUN apt-get update \
         "$TRAINER_PYTHON" "$TRAINER_PYTHON-venv" ca-certificates wget \
     && rm -rf /var/lib/apt/lists/*
 
-FROM trainer-base AS trainer-build
+FROM trainer-base AS trainer
 ARG TRAINER_PYTHON
 # TORCH_VERSION is the version requirements.lock pins (a test keeps them equal). By default torch
 # comes from pip's own configured index, where the lock was resolved, so that version exists; its
@@ -93,21 +93,18 @@ ARG TRAINER_PYTHON
 # TORCH_VERSION; the nvidia-* wheels it brings are then left as they are.
 ARG TORCH_VERSION=2.15.0
 ARG TORCH_INDEX_URL=
-# A C++ compiler and Python's headers, in this build stage only: DeepSpeed's CPU shared-memory op
-# is compiled into DeepSpeed here (DS_BUILD_SHM_COMM, against the installed torch, for the CPU
-# accelerator) instead of at the first step of each CPU stage, where the image has no compiler.
-# Ubuntu's security updates replace package versions in place (see trainer-base).
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ "$TRAINER_PYTHON-dev" \
-    && rm -rf /var/lib/apt/lists/*
+LABEL org.opencontainers.image.title="ulmfit-trainer" \
+      org.opencontainers.image.description="ULMFiT training stages: torch, transformers, DeepSpeed, Ray Tune" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# One stage, not a build stage whose /opt/venv is copied: the environment is several GB (torch
+# and its CUDA wheels), and a copy would hold it twice in every builder's storage.
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    EXTRAS=trainer \
-    NO_BUILD_ISOLATION=deepspeed \
-    DS_BUILD_OPS=0 \
-    DS_BUILD_SHM_COMM=1 \
-    DS_ACCELERATOR=cpu
+    HOME=/tmp \
+    HF_HOME=/tmp/huggingface \
+    TRITON_CACHE_DIR=/tmp/triton \
+    EXTRAS=trainer
 RUN "$TRAINER_PYTHON" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
@@ -117,25 +114,25 @@ WORKDIR /src
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
     pip install --no-cache-dir ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
 COPY pyproject.toml requirements.lock docker/install-python-project.sh ./
+# A C++ compiler and Python's headers for this step only: DeepSpeed's CPU shared-memory op is
+# compiled into DeepSpeed here (DS_BUILD_SHM_COMM, against the installed torch, for the CPU
+# accelerator) instead of at the first step of each CPU stage, and they are purged in the same
+# layer, so the image carries no compiler. The DS_* settings are this step's alone: an image-wide
+# DS_ACCELERATOR=cpu would keep DeepSpeed off the GPUs. Ubuntu's security updates replace package versions in
+# place (see trainer-base).
+# hadolint ignore=DL3008
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
-    sh install-python-project.sh dependencies
+    apt-get update \
+    && apt-get install -y --no-install-recommends g++ "$TRAINER_PYTHON-dev" \
+    && NO_BUILD_ISOLATION=deepspeed DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu \
+        sh install-python-project.sh dependencies \
+    && apt-get purge -y --auto-remove g++ "$TRAINER_PYTHON-dev" \
+    && rm -rf /var/lib/apt/lists/*
 COPY README.md ./
 COPY operator ./operator
 COPY trainer ./trainer
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf --mount=type=secret,id=pip-ca.crt \
     sh install-python-project.sh project
-
-FROM trainer-base AS trainer
-LABEL org.opencontainers.image.title="ulmfit-trainer" \
-      org.opencontainers.image.description="ULMFiT training stages: torch, transformers, DeepSpeed, Ray Tune" \
-      org.opencontainers.image.licenses="Apache-2.0"
-ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp \
-    HF_HOME=/tmp/huggingface \
-    TRITON_CACHE_DIR=/tmp/triton
-COPY --from=trainer-build /opt/venv /opt/venv
 USER 65532:65532
 WORKDIR /tmp
 # No HEALTHCHECK: a trainer container is a batch process, not a server. Its liveness is judged

@@ -1154,10 +1154,14 @@ def buildah_build(
     """
     if os.geteuid() != 0:
         raise BuildError("buildah builds here need root (no rootless setup on the test machine)")
+    # Working containers a killed build left behind hold their whole upper layer (gigabytes for
+    # the trainer); this storage is the tests' own, so none of them belongs to anyone else.
+    subprocess.run([*buildah(), "rm", "--all"], capture_output=True, check=False)
     for base in bases:
         load_into_buildah(base)
     with tempfile.TemporaryDirectory(prefix=f"{target}-", dir=cache_dir()) as tmp:
-        argv = [*buildah(), "build", "--isolation", "chroot", "--layers", "--pull-never"]
+        argv = [*buildah(), "build", "--isolation", "chroot", "--layers", "--force-rm"]
+        argv += ["--pull-never"]
         argv += ["--target", target, "--tag", ref, "--file", str(ROOT / "Dockerfile")]
         for name, value in sorted(build_args.items()):
             argv += ["--build-arg", f"{name}={value}"]
@@ -1197,6 +1201,13 @@ def build_dockerfile_target(
         image = ingest_archive(store, archive, ref)
     store.remember("images", key, image.manifest)
     return image
+
+
+def forget_buildah_image(ref: str) -> None:
+    """Remove ``ref`` and the untagged layer-cache images from buildah's storage (disk space: the
+    trainer target's are several GB, which later builds on a small disk need)."""
+    subprocess.run([*buildah(), "rmi", "--force", ref], capture_output=True, check=False)
+    subprocess.run([*buildah(), "rmi", "--prune"], capture_output=True, check=False)
 
 
 def build_operator(store: Store, base: Image) -> Image:

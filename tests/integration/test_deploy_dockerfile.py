@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 SCRIPT = ROOT / "docker" / "install-python-project.sh"
 LOCK = ROOT / "requirements.lock"
-BUILD_STAGES = ("operator-build", "trainer-build")
+BUILD_STAGES = ("operator-build", "trainer")  # the stages that install the project
 HEAVY = ("torch", "transformers", "tokenizers", "deepspeed", "ray")  # distributions
 
 
@@ -95,10 +95,19 @@ def stage_extras(stage: str) -> str:
 def script_runs(stage: str) -> list[tuple[int, str]]:
     """(position, mode) of each RUN of the install script in a stage."""
     return [
-        (i, line.split()[-1])
+        (i, match.group(1))
         for i, line in enumerate(stages()[stage])
-        if line.startswith("RUN ") and SCRIPT.name in line
+        if line.startswith("RUN ")
+        for match in [re.search(rf"\bsh {re.escape(SCRIPT.name)} (\w+)", line)]
+        if match
     ]
+
+
+def script_env(stage: str, mode: str) -> dict[str, str]:
+    """What a run of the install script sees: its stage's ENV, then the RUN's own assignments."""
+    line = next(stages()[stage][i] for i, found in script_runs(stage) if found == mode)
+    before = line.split(f"sh {SCRIPT.name} {mode}")[0].rsplit("&&", 1)[-1]
+    return {**stage_env(stage), **dict(re.findall(r"(\w+)=(\S+)", before))}
 
 
 def run_script(
@@ -195,22 +204,22 @@ def test_both_builds_install_the_project_through_the_one_script() -> None:
         assert copies == [f"COPY pyproject.toml requirements.lock docker/{SCRIPT.name} ./"], stage
         assert [mode for _, mode in script_runs(stage)] == ["dependencies", "project"], stage
         for i, mode in script_runs(stage):
-            assert lines[i].endswith(f" sh {SCRIPT.name} {mode}"), lines[i]
+            assert f" sh {SCRIPT.name} {mode}" in lines[i], lines[i]
         pip = [line for line in lines if line.startswith("RUN ") and "pip install" in line]
         # Only torch, which the trainer build installs first from its own index, is not the
         # script's.
         assert all('"torch==$TORCH_VERSION"' in line for line in pip), (stage, pip)
-    trainer = stages()["trainer-build"]
+    trainer = stages()["trainer"]
     torch = next(i for i, line in enumerate(trainer) if '"torch==$TORCH_VERSION"' in line)
     assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in trainer[torch]
-    assert torch < script_runs("trainer-build")[0][0], "torch goes in before the dependencies"
+    assert torch < script_runs("trainer")[0][0], "torch goes in before the dependencies"
 
 
 def test_operator_image_has_no_trainer_dependencies() -> None:
     found = stages()
     operator_lines = " ".join(found["operator-build"] + found["operator"])
     assert stage_extras("operator-build") == "operator"
-    assert stage_extras("trainer-build") == "trainer"
+    assert stage_extras("trainer") == "trainer"
     for heavy in ("torch", "trainer]", "deepspeed", "cuda"):
         assert heavy not in operator_lines, f"the operator image mentions {heavy}"
     # What the script installs for the operator stage's EXTRAS: nothing heavy either.
@@ -239,7 +248,9 @@ def test_dependencies_install_before_the_source_is_copied() -> None:
             i for i, line in enumerate(instructions) if line.startswith("COPY operator")
         )
         assert install_dependencies < copy_source < install_project, stage
-        assert instructions[install_project:] == instructions[-1:], f"{stage}: project last"
+        after = instructions[install_project + 1 :]
+        changes = [line for line in after if re.match(r"(RUN|COPY|ADD)\s", line)]
+        assert not changes, f"{stage}: the project is the last layer that changes files"
 
 
 def test_requirements_reader_matches_pyproject() -> None:
@@ -324,7 +335,7 @@ def test_install_script_builds_no_build_isolation_packages_first(tmp_path: Path)
     bin_dir, log = pip_stand_in(tmp_path)
     for name in ("pyproject.toml", "requirements.lock"):
         shutil.copy(ROOT / name, tmp_path)
-    env = {"NO_BUILD_ISOLATION": stage_env("trainer-build")["NO_BUILD_ISOLATION"]}
+    env = {"NO_BUILD_ISOLATION": script_env("trainer", "dependencies")["NO_BUILD_ISOLATION"]}
     result = run_script("dependencies", "trainer", tmp_path, [bin_dir], env)
     assert result.returncode == 0, result.stderr
     calls = [call.split() for call in log.read_text().splitlines()]
@@ -361,19 +372,27 @@ def test_constraints_leave_out_what_an_installed_distribution_pins_otherwise(
 
 def test_trainer_image_torch_is_the_locked_one_and_deepspeed_carries_the_shm_op() -> None:
     """TORCH_VERSION's default is the lock's torch; DeepSpeed is built in the image with its CPU
-    shared-memory op (a compiler in the build stage only), so no CPU stage compiles it."""
+    shared-memory op, by a compiler installed and purged in the layer that builds it, so no CPU
+    stage compiles it and the image carries no compiler; the DS_* build settings stay that
+    step's (an image-wide DS_ACCELERATOR=cpu would keep DeepSpeed off the GPUs)."""
     (torch,) = [line for line in lock_pins() if line.startswith("torch==")]
-    build = stages()["trainer-build"]
-    assert f"ARG TORCH_VERSION={torch.split('==')[1].split(';')[0].strip()}" in build
-    env = stage_env("trainer-build")
+    trainer = stages()["trainer"]
+    assert f"ARG TORCH_VERSION={torch.split('==')[1].split(';')[0].strip()}" in trainer
+    env = script_env("trainer", "dependencies")
     assert env["NO_BUILD_ISOLATION"] == "deepspeed"
     deepspeed = (env["DS_BUILD_OPS"], env["DS_BUILD_SHM_COMM"], env["DS_ACCELERATOR"])
     assert deepspeed == ("0", "1", "cpu")
-    install = next(i for i, line in enumerate(build) if "apt-get install" in line)
-    assert "g++" in build[install] and '"$TRAINER_PYTHON-dev"' in build[install]
-    assert install < script_runs("trainer-build")[0][0]
-    final = " ".join(stages()["trainer"])
-    assert "g++" not in final and "DS_BUILD" not in final, "the compiler stays in the build stage"
+    assert not [name for name in stage_env("trainer") if name.startswith("DS_")]
+    (position, _), _ = script_runs("trainer")
+    steps = [step.strip() for step in trainer[position].split("&&")]
+    install = next(i for i, step in enumerate(steps) if "apt-get install" in step)
+    built = next(i for i, step in enumerate(steps) if f"sh {SCRIPT.name} dependencies" in step)
+    purge = next(i for i, step in enumerate(steps) if "apt-get purge" in step)
+    assert install < built < purge, steps
+    for package in ("g++", '"$TRAINER_PYTHON-dev"'):
+        assert package in steps[install] and package in steps[purge], package
+    others = [line for i, line in enumerate(trainer) if i != position]
+    assert not [line for line in others if "g++" in line], "a compiler in another layer stays"
 
 
 def stage_env(stage: str) -> dict[str, str]:
@@ -417,7 +436,7 @@ def test_base_images_can_be_replaced_by_build_args() -> None:
     assert (defaults["PYTHON_IMAGE"], defaults["TRAINER_IMAGE"]) == ("python", "nvidia/cuda")
     assert defaults["PYTHON_TAG"].startswith("3.12.")
     assert defaults["TRAINER_PYTHON"] == "python3.12"
-    for stage in ("trainer-base", "trainer-build"):
+    for stage in ("trainer-base", "trainer"):
         assert "ARG TRAINER_PYTHON" in stages()[stage], f"{stage} must declare TRAINER_PYTHON"
 
 
