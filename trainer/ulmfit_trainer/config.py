@@ -341,6 +341,14 @@ class LMStageSpec(WireModel):
     """Save a resumable checkpoint every this many optimizer steps (and at the end)."""
     mask_probability: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
     """Masked LMs only: fraction of tokens to mask."""
+    head_warmup: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    """When the starting model lacks some of its weights (a pretrained encoder saved without its
+    masked-LM head gets a random one), those alone train first, the rest frozen, for this
+    fraction of the stage's steps (extra steps, at `headWarmupLearningRate`): a random head's
+    gradients would otherwise disturb the pretrained layers. 0 turns it off; a model with all
+    its weights skips it."""
+    head_warmup_learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 3e-3
+    """Peak learning rate of the head warm-up (slanted triangular over the warm-up steps)."""
 
 
 class LossKind(StrEnum):

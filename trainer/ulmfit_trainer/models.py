@@ -89,14 +89,28 @@ def build_lm(
     return BertForMaskedLM(bert)
 
 
-def load_lm(family: ModelFamily, directory: str | Path, vocab_size: int) -> PreTrainedModel:
+@dataclass
+class LoadedLM:
+    """A language model read from a directory, and which of its parameters the directory lacked."""
+
+    model: PreTrainedModel
+    fresh: list[str]
+    """Parameter names initialised at random (an encoder saved without its LM head, as
+    sentence-embedding models are, gets a random head): what a head warm-up trains first."""
+
+
+def load_lm(family: ModelFamily, directory: str | Path, vocab_size: int) -> LoadedLM:
     """A language model from a ``save_pretrained`` directory, its vocabulary fitted to ours."""
     auto = AutoModelForCausalLM if family == ModelFamily.CAUSAL else AutoModelForMaskedLM
-    model = auto.from_pretrained(str(directory))
+    loaded: Any = auto.from_pretrained(str(directory), output_loading_info=True)
+    model, info = loaded
     embeddings: Any = model.get_input_embeddings()
     if embeddings.num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)
-    return model
+    # A tied output bias is listed under both its names; named_parameters() gives each once.
+    missing = set(info.get("missing_keys") or ())
+    fresh = [name for name, _ in model.named_parameters() if name in missing]
+    return LoadedLM(model, fresh)
 
 
 def load_backbone(directory: str | Path) -> PreTrainedModel:

@@ -9,8 +9,10 @@ with discriminative rates and a slanted triangular schedule, commit a resumable 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from ulmfit_trainer.config import ModelFamily, StageConfig, StageName
 from ulmfit_trainer.data import ShardedOrder, eval_shard, lm_blocks, lm_texts
 from ulmfit_trainer.engine import Engine, Progress
 from ulmfit_trainer.errors import InvalidSpec, PermanentError
-from ulmfit_trainer.models import build_lm, family_of, layer_groups, load_lm
+from ulmfit_trainer.models import LayerGroup, LoadedLM, build_lm, family_of, layer_groups, load_lm
 from ulmfit_trainer.schedules import discriminative_lrs, total_steps
 from ulmfit_trainer.stages import Context
 from ulmfit_trainer.store import fetch
@@ -58,7 +60,8 @@ def run(config: StageConfig) -> dict[str, float]:
         len(valid_blocks),
     )
 
-    model = initial_model(ctx, tokenizer, tokenizer_hash(tokenizer_dir), init_dir)
+    start_model = initial_model(ctx, tokenizer, tokenizer_hash(tokenizer_dir), init_dir)
+    model = start_model.model
     positions = model.config.max_position_embeddings
     if block > positions:
         raise InvalidSpec([("data.maxLength", block, f"exceeds the model's {positions} positions")])
@@ -70,6 +73,20 @@ def run(config: StageConfig) -> dict[str, float]:
     accumulation = spec.batch_size // micro
     order = ShardedOrder(len(train_blocks), micro, dist.rank, dist.world, config.seed)
     steps = total_steps(order.batches_per_epoch, spec.epochs, accumulation, spec.max_steps)
+
+    batches = Batches(model, tokenizer, spec.mask_probability, config.seed, dist)
+
+    def inputs(micro_step: int) -> dict[str, torch.Tensor]:
+        return batches(train_blocks[order.batch(*order.position(micro_step))], micro_step)
+
+    # A resumed stage already trained its head (the checkpoint holds it): no warm-up then.
+    resumable = dist.broadcast(
+        any(not c.final for c in ctx.checkpoints.committed(stage)) if dist.is_main else None
+    )
+    warmup = 0
+    if start_model.fresh and spec.head_warmup > 0 and not resumable:
+        warmup = math.ceil(spec.head_warmup * steps)
+        warm_up_head(ctx, start_model, warmup, inputs, progress)
 
     groups = layer_groups(model)
     lrs = discriminative_lrs(spec.learning_rate, len(groups), spec.discriminative_factor)
@@ -85,7 +102,6 @@ def run(config: StageConfig) -> dict[str, float]:
         if dist.is_main:
             print(f"resumed at step {start}", flush=True)
 
-    batches = Batches(model, tokenizer, spec.mask_probability, config.seed, dist)
     recent: deque[float] = deque(maxlen=50)
     progress.begin(steps, step=start)
     engine.train()
@@ -94,13 +110,13 @@ def run(config: StageConfig) -> dict[str, float]:
         for k in range(accumulation):
             micro_step = step * accumulation + k
             epoch, index = order.position(micro_step)
-            inputs = batches(train_blocks[order.batch(epoch, index)], micro_step)
-            loss = engine(**inputs).loss
+            batch = inputs(micro_step)
+            loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
             recent.append(loss.item())
-            tokens += inputs["input_ids"].numel()
-            progress.update(step + 1, recent[-1], inputs["input_ids"].numel())
+            tokens += batch["input_ids"].numel()
+            progress.update(step + 1, recent[-1], batch["input_ids"].numel())
         done_steps = step + 1
         if done_steps % spec.checkpoint_every == 0 and done_steps < steps:
             position = {
@@ -122,6 +138,7 @@ def run(config: StageConfig) -> dict[str, float]:
         "validPerplexity": float(torch.exp(torch.tensor(valid_loss))),
         "steps": float(steps),
         "tokensPerSecond": tokens * dist.world / train_seconds if train_seconds > 0 else 0.0,
+        "headWarmupSteps": float(warmup),
     }
     state = engine.full_state_dict()
     engine.close()
@@ -142,7 +159,7 @@ def run(config: StageConfig) -> dict[str, float]:
     return metrics
 
 
-def initial_model(ctx: Context, tokenizer, tok_hash: str, init_dir: Path | None) -> PreTrainedModel:
+def initial_model(ctx: Context, tokenizer, tok_hash: str, init_dir: Path | None) -> LoadedLM:
     """The previous stage's LM, a pretrained model, or a fresh one built from the architecture."""
     c = ctx.config
     family = c.model.family
@@ -155,7 +172,53 @@ def initial_model(ctx: Context, tokenizer, tok_hash: str, init_dir: Path | None)
         )
         check_family(family, c.model.pretrained, directory)
         return load_lm(family, directory, len(tokenizer))
-    return build_lm(family, c.model.architecture, len(tokenizer), special_ids(tokenizer))
+    built = build_lm(family, c.model.architecture, len(tokenizer), special_ids(tokenizer))
+    return LoadedLM(built, fresh=[])  # all random alike: nothing to warm up before the rest
+
+
+def warm_up_head(
+    ctx: Context,
+    start: LoadedLM,
+    steps: int,
+    inputs: Callable[[int], dict[str, torch.Tensor]],
+    progress: Progress,
+) -> None:
+    """Train the parameters the starting model lacked (``start.fresh``), everything else frozen,
+    for ``steps`` optimizer steps on the stage's first batches; not checkpointed (a restart
+    repeats it). A pretrained body fine-tuned under a random LM head takes the head's large,
+    meaningless gradients in its first steps; after this the head predicts something first."""
+    spec, model = ctx.config.lm, start.model
+    assert spec is not None
+    micro = spec.micro_batch_size or spec.batch_size
+    accumulation = spec.batch_size // micro
+    was_trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    fresh = set(start.fresh)
+    head = LayerGroup("new-head")
+    for name, param in model.named_parameters():
+        param.requires_grad = name in fresh
+        if name in fresh:
+            head.params[name] = param
+    log.info("head warm-up: %d steps on %s", steps, ", ".join(sorted(fresh)))
+    engine = Engine(
+        model, [head], [spec.head_warmup_learning_rate], steps,
+        dist=ctx.dist, spec=ctx.config.deepspeed, micro_batch=micro, accumulation=accumulation,
+        cut_frac=spec.cut_frac, lr_ratio=spec.lr_ratio, weight_decay=spec.weight_decay,
+    )  # fmt: skip
+    progress.begin(steps, phase="head warm-up")
+    progress.report("running")  # the status names the phase at once, however short it is
+    engine.train()
+    try:
+        for step in range(steps):
+            for k in range(accumulation):
+                batch = inputs(step * accumulation + k)
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+                progress.update(step + 1, loss.item(), batch["input_ids"].numel())
+    finally:
+        engine.close()
+        for name, param in model.named_parameters():
+            param.requires_grad = was_trainable[name]
 
 
 class Batches:
