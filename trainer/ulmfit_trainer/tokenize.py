@@ -89,6 +89,14 @@ def tokenizer_hash(directory: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+FetchPretrained = Callable[[str, Path, str], Path]
+"""``(uri, dest, field) -> local directory`` of a pretrained model or tokenizer."""
+
+
+def _fetcher(config: StageConfig) -> FetchPretrained:
+    return lambda uri, dest, field: fetch(uri, dest, config.s3, field=field)
+
+
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
     return {
         "pad": tokenizer.pad_token_id,
@@ -106,28 +114,31 @@ def job_tokenizer(
     rank: int,
     barrier: Callable[[], None],
     workdir: str | Path | None = None,
+    fetch_pretrained: FetchPretrained | None = None,
 ) -> tuple[PreTrainedTokenizerBase, Path]:
     """The tokenizer every stage of this job uses, and a local directory holding it.
 
     A pretrained one is fetched as given (and checked against ``model.pretrained``). Without one,
     a pretrained model brings its own. Otherwise the store's ``<run>/tokenizer/`` is used, and
     when it is not there yet rank 0 trains one on ``texts()`` and uploads it while the other ranks
-    wait at ``barrier``.
+    wait at ``barrier``. ``fetch_pretrained(uri, dest, field)`` makes a pretrained URI local
+    (default: ``store.fetch``; a stage passes its `HubMirror`).
     """
     work = Path(workdir or tempfile.mkdtemp(prefix="ulmfit-tokenizer-"))
+    fetch_pretrained = fetch_pretrained or _fetcher(config)
     local = work / "tokenizer"
     if config.tokenizer.pretrained:
         uri = config.tokenizer.pretrained
-        directory = fetch(uri, local, config.s3, field="tokenizer.pretrained")
+        directory = fetch_pretrained(uri, local, "tokenizer.pretrained")
         tokenizer = load_tokenizer(directory)
         if config.model.pretrained:
-            check_pair(config, tokenizer, directory, work / "pretrained-config")
+            check_pair(config, tokenizer, directory, work / "pretrained-config", fetch_pretrained)
         return tokenizer, Path(directory)
     if config.model.pretrained:
         # The backbone's embeddings were learned for its own token ids: a BPE trained here would
         # feed it other tokens under the same ids.
         uri = config.model.pretrained
-        directory = fetch(uri, work / "pretrained", config.s3, field="model.pretrained")
+        directory = fetch_pretrained(uri, work / "pretrained", "model.pretrained")
         if not has_tokenizer(directory):
             raise InvalidSpec([(
                 "model.pretrained", uri,
@@ -157,6 +168,7 @@ def check_pair(
     tokenizer: PreTrainedTokenizerBase,
     tokenizer_dir: str | Path,
     workdir: str | Path,
+    fetch_pretrained: FetchPretrained | None = None,
 ) -> None:
     """`InvalidSpec` naming both fields when ``tokenizer.pretrained`` clearly does not belong to
     ``model.pretrained``: ids past the model's embedding rows (resizing would train them from
@@ -168,7 +180,8 @@ def check_pair(
         path = fetch(key, Path(workdir) / "config.json", config.s3)
         model = model_config(path.parent)
     else:
-        model = model_config(fetch(model_uri, workdir, config.s3, field="model.pretrained"))
+        fetch_pretrained = fetch_pretrained or _fetcher(config)
+        model = model_config(fetch_pretrained(model_uri, Path(workdir), "model.pretrained"))
     if model is None:
         return
     value = f"{config.tokenizer.pretrained} / {model_uri}"

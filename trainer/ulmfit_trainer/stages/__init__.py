@@ -62,6 +62,7 @@ class Context:
     checkpoints: CheckpointStore
     work: Path
     _dataset: Any = field(default=None, repr=False)
+    _hub: Any = field(default=None, repr=False)
 
     @property
     def stage(self) -> str:
@@ -105,7 +106,17 @@ class Context:
             rank=self.dist.rank,
             barrier=self.dist.barrier,
             workdir=self.work,
+            fetch_pretrained=self.fetch_pretrained,
         )
+
+    def fetch_pretrained(self, uri: str, dest: Path, field: str) -> Path:
+        """The local directory of a pretrained model or tokenizer URI; an `hf://` one comes
+        through the job's store on a cluster (`ulmfit_trainer.hub_mirror`), once per job."""
+        from ulmfit_trainer.hub_mirror import HubMirror
+
+        if self._hub is None:
+            self._hub = HubMirror(self.checkpoints, self.config.s3, self.dist)
+        return self._hub.fetch(uri, dest, field)
 
     def check_tokenizer(self, stage: StageName, tok_hash: str) -> None:
         """Weights and vocabulary must belong together: compare the hash ``stage`` recorded."""

@@ -48,7 +48,6 @@ from ulmfit_trainer.models import (
 )
 from ulmfit_trainer.schedules import discriminative_lrs, total_steps, unfreeze_plan
 from ulmfit_trainer.stages import Context
-from ulmfit_trainer.store import fetch
 from ulmfit_trainer.tokenize import special_ids, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -248,8 +247,8 @@ def initial_backbone(ctx: Context, tokenizer, tok_hash: str, init_dir: Path | No
         ctx.check_tokenizer(c.init_from, tok_hash)
         return load_backbone(init_dir)
     if c.model.pretrained:
-        directory = fetch(
-            c.model.pretrained, ctx.work / "pretrained", c.s3, field="model.pretrained"
+        directory = ctx.fetch_pretrained(
+            c.model.pretrained, ctx.work / "pretrained", "model.pretrained"
         )
         check_family(c.model.family, c.model.pretrained, directory)
         return load_backbone(directory)

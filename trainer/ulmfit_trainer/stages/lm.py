@@ -27,7 +27,6 @@ from ulmfit_trainer.errors import InvalidSpec, PermanentError
 from ulmfit_trainer.models import LayerGroup, LoadedLM, build_lm, family_of, layer_groups, load_lm
 from ulmfit_trainer.schedules import discriminative_lrs, total_steps
 from ulmfit_trainer.stages import Context
-from ulmfit_trainer.store import fetch
 from ulmfit_trainer.tokenize import special_ids, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -167,8 +166,8 @@ def initial_model(ctx: Context, tokenizer, tok_hash: str, init_dir: Path | None)
         ctx.check_tokenizer(c.init_from, tok_hash)
         return load_lm(family, init_dir, len(tokenizer))
     if c.model.pretrained:
-        directory = fetch(
-            c.model.pretrained, ctx.work / "pretrained", c.s3, field="model.pretrained"
+        directory = ctx.fetch_pretrained(
+            c.model.pretrained, ctx.work / "pretrained", "model.pretrained"
         )
         check_family(family, c.model.pretrained, directory)
         return load_lm(family, directory, len(tokenizer))

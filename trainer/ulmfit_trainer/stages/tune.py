@@ -88,6 +88,7 @@ def run(config: StageConfig) -> dict[str, float]:
             f"checkpoint under {checkpoints.store.uri(checkpoints.run)}"
         )
     _prepare_tokenizer(config, checkpoints)
+    _mirror_backbones(config, checkpoints)
 
     board = Board(config, checkpoints)
     local_results = not config.store_root.startswith("s3://")
@@ -161,6 +162,24 @@ def run(config: StageConfig) -> dict[str, float]:
         f"best trial {best.trial}: {tune_spec.metric}={best.metric:.4f} {best.params}", flush=True
     )
     return metrics
+
+
+def _mirror_backbones(config: StageConfig, checkpoints: CheckpointStore) -> None:
+    """Copy `hf://` backbones into the job's store once, here, when no stage did yet: concurrent
+    trials would each download and copy them (`ulmfit_trainer.hub_mirror`)."""
+    import torch
+
+    from ulmfit_trainer.engine import Dist
+    from ulmfit_trainer.hub_mirror import HubMirror
+
+    alone = Dist(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
+    mirror = HubMirror(checkpoints, config.s3, alone)
+    for uri, field in (
+        (config.model.pretrained, "model.pretrained"),
+        (config.tokenizer.pretrained, "tokenizer.pretrained"),
+    ):
+        if uri and uri.startswith("hf://") and mirror.mirrors:
+            mirror.ensure(uri, field)
 
 
 def _prepare_tokenizer(config: StageConfig, checkpoints: CheckpointStore) -> None:
