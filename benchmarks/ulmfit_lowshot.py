@@ -1,6 +1,7 @@
 """ULMFiT's low-shot claim on the embedded data: does LM pretraining make 100 labels worth more?
 
-Runs, in one go and with the same model shape and classifier settings as the embedded example
+Runs, in one go and with the same model shape and classifier settings as the from-scratch example
+(`examples/ulmfitjob-scratch.yaml`)
 (the classifier's epochs scaled up as labels shrink, so every run takes a comparable number of
 optimizer steps: 100 labels are only a few batches per epoch):
   * `ulmfit-100`: the full pipeline (LM pretraining, LM fine-tuning, classifier) with 100 labels;
@@ -24,7 +25,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "ulmfitjob.yaml"
+EXAMPLE = ROOT / "examples" / "ulmfitjob-scratch.yaml"
 
 
 FULL_TRAIN_EXAMPLES = 3161

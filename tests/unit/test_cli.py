@@ -64,7 +64,7 @@ def test_validate_prints_the_job_with_defaults() -> None:
 
 
 def test_plan_lists_the_stages_in_order() -> None:
-    result = runner.invoke(app, ["plan", str(ROOT / "examples" / "ulmfitjob.yaml")])
+    result = runner.invoke(app, ["plan", str(ROOT / "examples" / "ulmfitjob-scratch.yaml")])
     assert result.exit_code == 0, result.output
     order = [
         result.output.index(name) for name in ("pretrain", "finetune", "classifier", "evaluate")
