@@ -184,8 +184,8 @@ def warm_up_head(
 ) -> None:
     """Train the parameters the starting model lacked (``start.fresh``), everything else frozen,
     for ``steps`` optimizer steps on the stage's first batches; not checkpointed (a restart
-    repeats it). A pretrained body fine-tuned under a random LM head takes the head's large,
-    meaningless gradients in its first steps; after this the head predicts something first."""
+    repeats it). A pretrained body fine-tuned under a random LM head takes that head's large,
+    meaningless gradients in its first steps; a head trained alone first sends useful ones."""
     spec, model = ctx.config.lm, start.model
     assert spec is not None
     micro = spec.micro_batch_size or spec.batch_size
