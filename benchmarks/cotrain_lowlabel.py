@@ -15,15 +15,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ulmfit_lowshot import run_job  # noqa: E402  (`ulmfit run` on a job: result, seconds)
+
 EXAMPLE = ROOT / "examples" / "ulmfitjob-cotrain.yaml"
 
 
@@ -35,23 +38,6 @@ def variant(base: dict, name: str, labels: int, cotrain: bool) -> dict:
     if not cotrain:
         del spec["stages"]["cotrain"]
     return job
-
-
-def run(job: dict, workdir: Path, nproc: int) -> tuple[dict, float]:
-    name = job["metadata"]["name"]
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(job))
-    started = time.monotonic()
-    completed = subprocess.run(
-        [sys.executable, "-m", "ulmfit_operator.cli", "run", str(path),
-         "--workdir", str(workdir / name), "--nproc", str(nproc)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise SystemExit(f"{name} failed ({completed.returncode})")
-    result = json.loads((workdir / name / "result.json").read_text())
-    return result, time.monotonic() - started
 
 
 def emit(**line: object) -> None:
@@ -71,7 +57,8 @@ def main() -> None:
     ours, baseline = f"cotrain-{args.labels}", f"gold-{args.labels}"
     results, errors = {}, {}
     for name, cotrain in ((baseline, False), (ours, True)):
-        results[name], seconds = run(variant(base, name, args.labels, cotrain), workdir, args.nproc)
+        job = variant(base, name, args.labels, cotrain)
+        results[name], seconds = run_job(job, workdir, args.nproc)
         errors[name] = 1.0 - float(results[name]["test"]["accuracy"])
         emit(name=f"test_error_{name}", value=round(errors[name], 4), unit="fraction",
              seconds=round(seconds, 1))  # fmt: skip

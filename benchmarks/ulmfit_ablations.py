@@ -26,16 +26,19 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ulmfit_lowshot import run  # noqa: E402  (`ulmfit run` on a job: test error, seconds)
+
 PRETRAINED = ROOT / "examples" / "ulmfitjob.yaml"
 SCRATCH = ROOT / "examples" / "ulmfitjob-scratch.yaml"
 ROWS = ("scratch", "pretrained", "+lm-finetune", "+discr+stlr", "+gradual-unfreezing")
@@ -80,24 +83,6 @@ def row_job(row: str, labels: int | None, seed: int, smoke: bool) -> dict[str, A
     name = row.strip("+").replace("+", "-")
     job["metadata"] = {"name": f"{name}-{labels or 'all'}-s{seed}"}
     return job
-
-
-def run(job: dict[str, Any], workdir: Path, nproc: int) -> tuple[float, float]:
-    """(test error, seconds) of `ulmfit run` on `job`."""
-    name = job["metadata"]["name"]
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(job))
-    started = time.monotonic()
-    completed = subprocess.run(
-        [sys.executable, "-m", "ulmfit_operator.cli", "run", str(path),
-         "--workdir", str(workdir / name), "--nproc", str(nproc)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if completed.returncode != 0:
-        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise SystemExit(f"{name} failed ({completed.returncode})")
-    result = json.loads((workdir / name / "result.json").read_text())
-    return 1.0 - float(result["test"]["accuracy"]), time.monotonic() - started
 
 
 def main() -> None:

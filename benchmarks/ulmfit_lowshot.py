@@ -60,20 +60,29 @@ def variant(
     return job
 
 
-def run(job: dict, workdir: Path, nproc: int) -> tuple[float, float]:
-    path = workdir / f"{job['metadata']['name']}.yaml"
+def run_job(job: dict, workdir: Path, nproc: int) -> tuple[dict, float]:
+    """(`result.json`, seconds) of `ulmfit run` on `job` in `workdir/<its name>`; exits with the
+    run's output when it fails. The other benchmarks that run jobs locally use it too."""
+    name = job["metadata"]["name"]
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job))
     started = time.monotonic()
     completed = subprocess.run(
         [sys.executable, "-m", "ulmfit_operator.cli", "run", str(path),
-         "--workdir", str(workdir / job["metadata"]["name"]), "--nproc", str(nproc)],
+         "--workdir", str(workdir / name), "--nproc", str(nproc)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise SystemExit(f"{job['metadata']['name']} failed ({completed.returncode})")
-    result = json.loads((workdir / job["metadata"]["name"] / "result.json").read_text())
-    return 1.0 - float(result["test"]["accuracy"]), time.monotonic() - started
+        raise SystemExit(f"{name} failed ({completed.returncode})")
+    result = json.loads((workdir / name / "result.json").read_text())
+    return result, time.monotonic() - started
+
+
+def run(job: dict, workdir: Path, nproc: int) -> tuple[float, float]:
+    """(test error, seconds) of `ulmfit run` on `job`."""
+    result, seconds = run_job(job, workdir, nproc)
+    return 1.0 - float(result["test"]["accuracy"]), seconds
 
 
 def main() -> None:
