@@ -11,9 +11,11 @@ ingredient to the row before it; every other setting is the embedded example's
   * `+discr+stlr`: discriminative rates (factor 2.6) and the slanted triangular schedule;
   * `+gradual-unfreezing`: the classifier's layer groups unfrozen in 3 phases (full ULMFiT).
 Each row runs at each label count (`--labels`, `all` for every labeled document) with each seed
-(`--seeds`); the classifier's epochs shrink as labels grow (x 100 / labels), so every run takes
-about as many optimizer steps. Prints one JSON line per run (test error, seconds), one per row
-and label count (mean test error over the seeds with min and max), and a Markdown table:
+(`--seeds`). Every column gets the same training budget, so columns differ in labels alone: the
+classifier's epochs shrink as labels grow (x 100 / labels), and so do the LM fine-tuning's, which
+reads the labeled texts too (x (unlabeled + 100) / (unlabeled + labels)); every run takes about as
+many optimizer steps as at 100 labels. Prints one JSON line per run (test error, seconds), one
+per row and label count (mean test error over the seeds with min and max), and a Markdown table:
 
     python benchmarks/ulmfit_ablations.py [--labels 100,all] [--seeds 42,43,44] [--rows ...]
 
@@ -44,6 +46,8 @@ SCRATCH = ROOT / "examples" / "ulmfitjob-scratch.yaml"
 ROWS = ("scratch", "pretrained", "+lm-finetune", "+discr+stlr", "+gradual-unfreezing")
 BASE_LABELS = 100
 """The label count the embedded example's classifier epochs are sized for."""
+ALL_LABELS = 3161
+"""Labeled documents in the embedded dataset's train split."""
 
 
 def row_job(row: str, labels: int | None, seed: int, smoke: bool) -> dict[str, Any]:
@@ -57,9 +61,13 @@ def row_job(row: str, labels: int | None, seed: int, smoke: bool) -> dict[str, A
         data["maxTrainExamples"] = labels
     stages = spec["stages"]
     classifier = stages["classifier"]
-    scale = BASE_LABELS / labels if labels else BASE_LABELS / 3161
+    labeled = labels or ALL_LABELS
     for field in ("epochsPerPhase", "finalEpochs"):
-        classifier[field] = round(float(classifier[field]) * min(1.0, scale), 3)
+        classifier[field] = round(float(classifier[field]) * min(1.0, BASE_LABELS / labeled), 3)
+    finetune = stages["finetune"]
+    unlabeled = int(data["maxUnlabeledExamples"])
+    budget = (unlabeled + BASE_LABELS) / (unlabeled + labeled)
+    finetune["epochs"] = round(float(finetune["epochs"]) * min(1.0, budget), 3)
     index = ROWS.index(row)
     if row == "scratch":
         example = yaml.safe_load(SCRATCH.read_text())["spec"]

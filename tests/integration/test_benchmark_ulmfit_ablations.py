@@ -67,6 +67,14 @@ def test_each_row_adds_one_ingredient_and_every_job_is_valid() -> None:
     assert many["spec"]["stages"]["classifier"]["epochsPerPhase"] == pytest.approx(
         phased["epochsPerPhase"] / 10, rel=0.01
     )
+    # The LM fine-tuning reads the labeled texts too: its epochs shrink so its steps stay put.
+    texts_at_100 = 500 + 100
+    every = bench.row_job("+gradual-unfreezing", None, 42, smoke=False)["spec"]
+    assert every["stages"]["finetune"]["epochs"] * (500 + bench.ALL_LABELS) == pytest.approx(
+        jobs["+gradual-unfreezing"]["spec"]["stages"]["finetune"]["epochs"] * texts_at_100,
+        rel=0.01,
+    )
+    assert "maxTrainExamples" not in every["data"]
     assert "maxTrainExamples" not in bench.row_job("scratch", None, 42, False)["spec"]["data"]
 
 
