@@ -5,6 +5,7 @@ runs, and the classifier stage that follows training with the sweep's best param
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -191,3 +192,42 @@ def test_a_sweep_whose_every_trial_fails_ends_with_the_first_error(tmp_path: Pat
     progress = CheckpointStore(open_store(store), RUN).read_progress("tune")
     assert progress is not None and progress.state == "failed"
     assert progress.error is not None and "all 2 trials" in progress.error
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_concurrent_trials_bounds_a_random_search_and_one_worker_runs_them_all(
+    tmp_path: Path,
+) -> None:
+    """`concurrentTrials: 1` on a machine with CPUs for two: the trials run one after another,
+    and the worker that finished one takes the next (Tune's actor reuse), so torch and
+    DeepSpeed are set up once. Tune ignores its own concurrency limit for the random search's
+    generator; this is the test that it is passed where it counts."""
+    store = tmp_path / "store"
+    tune = TuneSpec(
+        space={"dropout": SearchDomain(type="uniform", low=0.0, high=0.4)},
+        trials=3,
+        concurrent_trials=1,
+        cpus_per_trial=1,
+    )
+    config = stage_config(store, "tune", tune=tune)
+    assert config.classifier is not None
+    one_phase = config.classifier.model_copy(update={"unfreeze_phases": 1})
+    done = run_tune(config.model_copy(update={"classifier": one_phase}), tmp_path, free_port())
+    check(done)
+    assert metrics_of(done.stdout)["trialsCompleted"] == 3
+
+    results = sorted((store / RUN / "tune" / "ray-results" / "sweep").glob("*/result.json"))
+    reports = [
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for path in results
+    ]
+    assert len(reports) == 3 and all(reports), results
+    assert len({r["pid"] for trial in reports for r in trial}) == 1, "more than one worker"
+    # One after another: each trial started after the one before it reported last.
+    spans = sorted(
+        (trial[0]["timestamp"] - trial[0]["time_this_iter_s"], trial[-1]["timestamp"])
+        for trial in reports
+    )
+    for (_, ended), (started, _) in itertools.pairwise(spans):
+        assert started >= ended - 1, spans  # `timestamp` is whole seconds

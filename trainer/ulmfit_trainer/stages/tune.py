@@ -280,7 +280,13 @@ def _sweep(
             metric=tune_spec.metric,
             mode=tune_spec.mode,
             num_samples=tune_spec.trials,
-            max_concurrent_trials=tune_spec.concurrent_trials,
+            # Tune applies this limit to a `Searcher` (Optuna) only; the random search's
+            # generator takes its own (`_searcher`), or every free CPU would run a trial.
+            max_concurrent_trials=(
+                tune_spec.concurrent_trials
+                if tune_spec.search_algorithm == SearchAlgorithm.OPTUNA
+                else None
+            ),
             time_budget_s=tune_spec.time_budget_seconds,
             scheduler=_scheduler(tune_spec, base, space),
             search_alg=_searcher(tune_spec, config.seed),
@@ -336,7 +342,9 @@ def _searcher(tune_spec: TuneSpec, seed: int) -> Any:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Seeded: a rerun sweep samples the same configurations, so its trials resume.
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(
+        random_state=seed, max_concurrent=tune_spec.concurrent_trials or 0
+    )
 
 
 def _records(grid: Any, board: Board) -> list[TrialRecord]:
