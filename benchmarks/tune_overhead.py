@@ -7,15 +7,20 @@ Self-contained: a tiny model on the shipped Debian data in a temporary local sto
    stages, called directly one after another in one process: the baseline;
 3. the tune stage again with ASHA (same seed, so the same N configurations), one at a time.
 
-Figures: the sweep's wall time vs the direct runs (the overhead ratio: Ray start-up, a worker
-process per trial, reporting), the stage's start-up alone (imports, Ray and its dashboard), and
-ASHA's phases trained, trials stopped early and wall time vs FIFO's. Other load on the machine
-moves the wall times; the phase counts do not depend on it.
+Figures: the sweep's wall time vs the direct runs (the overhead ratio), and where the
+difference goes, read from Tune's own per-trial results: the stage's start-up (imports, Ray and
+its dashboard), the first trial on a fresh worker (which imports torch and DeepSpeed), a trial on
+a reused worker against a direct run, and the time between trials. Then ASHA's phases trained,
+trials stopped early, and its wall-time saving next to its phase saving (both against FIFO, the
+walls after Ray is up). Other load on the machine moves the wall times; the phase counts do not
+depend on it. `--epochs-per-phase 30` makes trials of about a minute on 2 cores, the size a user
+meets; the default keeps them at about 2 s, where the overhead shows most.
 
 Prints one JSON line per figure, {"name", "value", "unit", "baseline", "ratio"}; progress goes
 to stderr.
 
     python benchmarks/tune_overhead.py --trials 6
+    python benchmarks/tune_overhead.py --trials 4 --epochs-per-phase 30
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +74,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def base_config(store: Path, phases: int) -> dict:
+def base_config(store: Path, phases: int, epochs_per_phase: float = 1) -> dict:
     return {
         "run": RUN,
         "store_root": str(store),
@@ -79,7 +85,7 @@ def base_config(store: Path, phases: int) -> dict:
         "tokenizer": TokenizerSpec(vocab_size=500),
         "classifier": ClassifierStageSpec(
             unfreeze_phases=phases,
-            epochs_per_phase=1,
+            epochs_per_phase=epochs_per_phase,
             final_epochs=0,
             batch_size=16,
             head_hidden_size=16,
@@ -101,7 +107,9 @@ def env() -> dict[str, str]:
     return out
 
 
-def run_sweep(store: Path, work: Path, name: str, scheduler: str, trials: int, phases: int):
+def run_sweep(
+    store: Path, work: Path, name: str, scheduler: str, trials: int, phases: int, epochs: float
+):
     """The tune stage as `ulmfit run` starts it; (wall seconds, start-up seconds, metrics)."""
     tune = TuneSpec(
         space={
@@ -116,7 +124,7 @@ def run_sweep(store: Path, work: Path, name: str, scheduler: str, trials: int, p
         scheduler=scheduler,
         grace_period=1,
     )
-    config = StageConfig(stage="tune", name=name, tune=tune, **base_config(store, phases))
+    config = StageConfig(stage="tune", name=name, tune=tune, **base_config(store, phases, epochs))
     path = work / f"{name}.json"
     config.write(path)
     environment = env()
@@ -140,13 +148,30 @@ def run_sweep(store: Path, work: Path, name: str, scheduler: str, trials: int, p
     return wall, ray_up or 0.0, metrics
 
 
-def run_direct(store: Path, params: list[dict], phases: int) -> float:
+def trial_times(store: Path, name: str) -> list[tuple[int, float]]:
+    """(worker pid, seconds from the trial's start to its last report) per trial, in the order
+    the trials started, from Tune's `result.json` files."""
+    found = []
+    for path in (store / RUN / name / "ray-results" / "sweep").glob("*/result.json"):
+        reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if reports:
+            first, last = reports[0], reports[-1]
+            started = first["timestamp"] - first["time_this_iter_s"]
+            found.append((started, int(last["pid"]), float(last["time_total_s"])))
+    return [(pid, seconds) for _, pid, seconds in sorted(found)]
+
+
+def run_direct(store: Path, params: list[dict], phases: int, epochs: float) -> float:
     """The same configurations as plain classifier stages, one after another in this process."""
     os.environ.update(env())
+    import torch
     from ulmfit_trainer.stages import classifier
+
+    # The threads a trial gets (cpusPerTrial 1): torch may have read the environment already.
+    torch.set_num_threads(1)
     from ulmfit_trainer.stages.tune import with_params
 
-    base = base_config(store, phases)
+    base = base_config(store, phases, epochs)
     started = time.perf_counter()
     # The stage's own progress lines stay off stdout, which carries only the figures.
     with contextlib.redirect_stdout(sys.stderr):
@@ -163,7 +188,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--phases", type=int, default=3)
+    parser.add_argument("--epochs-per-phase", type=float, default=1.0)
     args = parser.parse_args()
+    trials, phases, epochs = args.trials, args.phases, args.epochs_per_phase
 
     with tempfile.TemporaryDirectory(prefix="ulmfit-bench-tune-") as tmp:
         work = Path(tmp)
@@ -174,25 +201,44 @@ def main() -> None:
         checkpoints = CheckpointStore(open_store(store), RUN)
         _prepare_tokenizer(StageConfig(stage="classifier", **base_config(store, 1)), checkpoints)
 
-        say(f"FIFO sweep of {args.trials} trials ...")
-        fifo_wall, fifo_ray, fifo = run_sweep(store, work, "fifo", "fifo", args.trials, args.phases)
+        say(f"FIFO sweep of {trials} trials ...")
+        fifo_wall, fifo_ray, fifo = run_sweep(store, work, "fifo", "fifo", trials, phases, epochs)
+        fifo_trials = trial_times(store, "fifo")
         summary = json.loads((store / RUN / "fifo" / "final" / "results.json").read_text())
         params = [t["params"] for t in summary["trials"]]
         say(f"  {fifo_wall:.1f}s (Ray up after {fifo_ray:.1f}s); direct runs ...")
-        direct_wall = run_direct(store, params, args.phases)
+        direct_wall = run_direct(store, params, phases, epochs)
         say(f"  {direct_wall:.1f}s; ASHA sweep ...")
-        asha_wall, _, asha = run_sweep(store, work, "asha", "asha", args.trials, args.phases)
+        asha_wall, asha_ray, asha = run_sweep(store, work, "asha", "asha", trials, phases, epochs)
         say(f"  {asha_wall:.1f}s")
         asha_params = [t["params"] for t in json.loads(
             (store / RUN / "asha" / "final" / "results.json").read_text())["trials"]]  # fmt: skip
 
+    direct_trial = direct_wall / trials
     emit("tune_fifo_wall_vs_direct", fifo_wall, "s", direct_wall)
     emit("tune_fifo_sweep_after_ray_start_vs_direct", fifo_wall - fifo_ray, "s", direct_wall)
-    emit("tune_overhead_per_trial", (fifo_wall - direct_wall) / args.trials, "s",
-         direct_wall / args.trials)  # fmt: skip
+    emit("tune_overhead_per_trial", (fifo_wall - direct_wall) / trials, "s", direct_trial)
     emit("tune_stage_startup_seconds", fifo_ray, "s", fifo_wall)
+    # Where the rest goes: a worker's first trial pays its imports; later ones reuse the worker.
+    seen: set[int] = set()
+    first, reused = [], []
+    for pid, seconds in fifo_trials:
+        (reused if pid in seen else first).append(seconds)
+        seen.add(pid)
+    if reused:
+        emit("tune_trial_on_reused_worker_vs_direct", statistics.mean(reused), "s", direct_trial)
+        emit("tune_worker_first_trial_vs_reused", statistics.mean(first), "s",
+             statistics.mean(reused))  # fmt: skip
+    in_trials = sum(seconds for _, seconds in fifo_trials)
+    emit("tune_seconds_outside_trials_after_ray_start", fifo_wall - fifo_ray - in_trials, "s",
+         fifo_wall - fifo_ray)  # fmt: skip
+    emit("tune_workers", len(seen), "processes", trials)
     emit("asha_phases_trained_vs_fifo", asha["phasesTrained"], "phases", fifo["phasesTrained"])
     emit("asha_wall_vs_fifo", asha_wall, "s", fifo_wall)
+    phase_saving = 1 - asha["phasesTrained"] / fifo["phasesTrained"]
+    wall_saving = 1 - (asha_wall - asha_ray) / (fifo_wall - fifo_ray)
+    emit("asha_wall_saving_after_ray_start_vs_phase_saving", wall_saving, "fraction",
+         phase_saving)  # fmt: skip
     emit("asha_trials_stopped_early", asha["trialsStoppedEarly"], "trials", asha["trials"])
     emit("asha_best_valid_loss_vs_fifo", asha["bestMetric"], "loss", fifo["bestMetric"])
     if sorted(map(json.dumps, asha_params)) != sorted(map(json.dumps, params)):
