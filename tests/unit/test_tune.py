@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -219,8 +221,36 @@ def test_search_algorithm_kinds() -> None:
 
     random_search = _searcher(space(dropout={"type": "uniform", "low": 0, "high": 0.5}), 7)
     assert type(random_search).__name__ == "BasicVariantGenerator"
+    assert random_search.max_concurrent == 0  # as many trials as the CPUs hold
+    # Tune drops its own limit for a generator like this one: it must carry the spec's.
+    bounded = space(dropout={"type": "uniform", "low": 0, "high": 0.5}).model_copy(
+        update={"concurrent_trials": 2}
+    )
+    assert _searcher(bounded, 7).max_concurrent == 2
     optuna_spec = TuneSpec.model_validate(
         {"space": {"dropout": {"type": "uniform", "low": 0, "high": 0.5}},
          "searchAlgorithm": "optuna"}
     )  # fmt: skip
     assert type(_searcher(optuna_spec, 7)).__name__ == "OptunaSearch"
+
+
+def test_a_sweep_without_hub_backbones_starts_without_torch(tmp_path: Path) -> None:
+    """The sweep's driver only schedules: torch is for trials, and importing it costs seconds
+    at every sweep's start."""
+    program = f"""
+import sys
+from ulmfit_trainer.config import ClassifierStageSpec, SearchDomain, StageConfig, TuneSpec
+from ulmfit_trainer.stages.tune import _mirror_backbones
+from ulmfit_trainer.store import CheckpointStore, open_store
+config = StageConfig(
+    stage="tune", run="r", store_root={str(tmp_path)!r}, classifier=ClassifierStageSpec(),
+    tune=TuneSpec(space={{"dropout": SearchDomain(type="uniform", low=0.0, high=0.4)}}),
+)
+_mirror_backbones(config, CheckpointStore(open_store({str(tmp_path)!r}), "r"))
+print("torch" in sys.modules)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

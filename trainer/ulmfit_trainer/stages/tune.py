@@ -167,6 +167,16 @@ def run(config: StageConfig) -> dict[str, float]:
 def _mirror_backbones(config: StageConfig, checkpoints: CheckpointStore) -> None:
     """Copy `hf://` backbones into the job's store once, here, when no stage did yet: concurrent
     trials would each download and copy them (`ulmfit_trainer.hub_mirror`)."""
+    wanted = [
+        (uri, field)
+        for uri, field in (
+            (config.model.pretrained, "model.pretrained"),
+            (config.tokenizer.pretrained, "tokenizer.pretrained"),
+        )
+        if uri and uri.startswith("hf://")
+    ]
+    if not wanted:
+        return  # and the driver never imports torch: seconds off every sweep's start
     import torch
 
     from ulmfit_trainer.engine import Dist
@@ -174,11 +184,8 @@ def _mirror_backbones(config: StageConfig, checkpoints: CheckpointStore) -> None
 
     alone = Dist(rank=0, world=1, local_rank=0, local_world=1, device=torch.device("cpu"))
     mirror = HubMirror(checkpoints, config.s3, alone)
-    for uri, field in (
-        (config.model.pretrained, "model.pretrained"),
-        (config.tokenizer.pretrained, "tokenizer.pretrained"),
-    ):
-        if uri and uri.startswith("hf://") and mirror.mirrors:
+    for uri, field in wanted:
+        if mirror.mirrors:
             mirror.ensure(uri, field)
 
 
