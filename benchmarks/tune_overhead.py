@@ -13,14 +13,14 @@ its dashboard), the first trial on a fresh worker (which imports torch and DeepS
 a reused worker against a direct run, and the time between trials. Then ASHA's phases trained,
 trials stopped early, and its wall-time saving next to its phase saving (both against FIFO, the
 walls after Ray is up). Other load on the machine moves the wall times; the phase counts do not
-depend on it. `--epochs-per-phase 30` makes trials of about a minute on 2 cores, the size a user
-meets; the default keeps them at about 2 s, where the overhead shows most.
+depend on it. `--epochs-per-phase 90` makes trials of about a minute on 2 cores, the size a user
+meets; the default keeps them under 2 s, where the overhead shows most.
 
 Prints one JSON line per figure, {"name", "value", "unit", "baseline", "ratio"}; progress goes
 to stderr.
 
     python benchmarks/tune_overhead.py --trials 6
-    python benchmarks/tune_overhead.py --trials 4 --epochs-per-phase 30
+    python benchmarks/tune_overhead.py --trials 4 --epochs-per-phase 90
 """
 
 from __future__ import annotations
