@@ -216,7 +216,11 @@ class Player:
             labels = child["metadata"]["labels"]
             job, stage = labels["ulmfit.io/job"], labels["ulmfit.io/stage"]
             metrics = {"accuracy": 0.8} if stage == "evaluate" else {"loss": 1.0}
-            CheckpointStore(self.store, f"{self.namespace}/{job}").save(
+            # The trainer commits under the job instance's run path, which carries its UID.
+            owner = next(
+                o for o in child["metadata"]["ownerReferences"] if o["kind"] == "ULMFiTJob"
+            )
+            CheckpointStore(self.store, f"{self.namespace}/{job}/{owner['uid']}").save(
                 stage, "final", self.scratch, meta={"metrics": metrics}, final=True, step=1
             )
             now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
