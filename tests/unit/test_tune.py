@@ -232,6 +232,9 @@ def test_search_algorithm_kinds() -> None:
          "searchAlgorithm": "optuna"}
     )  # fmt: skip
     assert type(_searcher(optuna_spec, 7)).__name__ == "OptunaSearch"
+    bounded_optuna = _searcher(optuna_spec.model_copy(update={"concurrent_trials": 2}), 7)
+    assert type(bounded_optuna).__name__ == "ConcurrencyLimiter"
+    assert bounded_optuna.max_concurrent == 2
 
 
 def test_a_sweep_without_hub_backbones_starts_without_torch(tmp_path: Path) -> None:

@@ -287,13 +287,7 @@ def _sweep(
             metric=tune_spec.metric,
             mode=tune_spec.mode,
             num_samples=tune_spec.trials,
-            # Tune applies this limit to a `Searcher` (Optuna) only; the random search's
-            # generator takes its own (`_searcher`), or every free CPU would run a trial.
-            max_concurrent_trials=(
-                tune_spec.concurrent_trials
-                if tune_spec.search_algorithm == SearchAlgorithm.OPTUNA
-                else None
-            ),
+            # No max_concurrent_trials: the searcher carries `concurrentTrials` (`_searcher`).
             time_budget_s=tune_spec.time_budget_seconds,
             scheduler=_scheduler(tune_spec, base, space),
             search_alg=_searcher(tune_spec, config.seed),
@@ -342,16 +336,20 @@ def _scheduler(tune_spec: TuneSpec, base: ClassifierStageSpec, space: dict[str, 
 
 
 def _searcher(tune_spec: TuneSpec, seed: int) -> Any:
+    """The search, bounded to `concurrentTrials` at once. The bound lives here for every kind:
+    Tune's own `max_concurrent_trials` applies to a `Searcher` (Optuna) only and is dropped, with
+    a log warning, for the random search's generator, leaving every free CPU running a trial."""
+    limit = tune_spec.concurrent_trials
     if tune_spec.search_algorithm == SearchAlgorithm.OPTUNA:
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=seed)
+        search = OptunaSearch(seed=seed)
+        return ConcurrencyLimiter(search, max_concurrent=limit) if limit else search
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Seeded: a rerun sweep samples the same configurations, so its trials resume.
-    return BasicVariantGenerator(
-        random_state=seed, max_concurrent=tune_spec.concurrent_trials or 0
-    )
+    return BasicVariantGenerator(random_state=seed, max_concurrent=limit or 0)
 
 
 def _records(grid: Any, board: Board) -> list[TrialRecord]:
