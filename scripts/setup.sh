@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Everything `make test` needs before its first test, with the independent steps overlapped, and
+# the wall time of each step printed as it ends and again as a table at the end.
+#
+#   bash scripts/setup.sh        (`make cluster-build`, and the set-up half of `make test`)
+#
+# The steps and what each waits for:
+#
+#   node-packages   Debian's containerd, runc, CNI plugins, debootstrap, buildah   network, disk
+#   python-env      .venv from requirements.lock, DeepSpeed's CPU op compiled        network, CPU
+#   kubernetes      etcd and the Kubernetes binaries (tests/controlplane/build.sh)   CPU
+#   controllers     each controller in tests/cluster/controllers/build.sh            CPU
+#   base-image      the Debian base image (debootstrap)               node-packages; network
+#   images          pause, init, trainer, operator          base-image, python-env; disk
+#
+# The Go builds take most of the CPU; the package downloads, debootstrap and the image layers
+# mostly wait on the network and the disk, so they run beside them. Each step is cached by its own
+# script, keyed by its inputs: a rerun with nothing changed takes seconds.
+# A step's output goes to its log under $ULMFIT_SETUP_LOGS (default: a temporary directory); a
+# failed step prints the end of its log, and the script exits non-zero once every started step
+# has ended.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+logs=${ULMFIT_SETUP_LOGS:-$(mktemp -d -t ulmfit-setup.XXXXXX)}
+mkdir -p "$logs"
+start_all=$SECONDS
+declare -A pids=() started=() took=() failed=()
+
+# start NAME COMMAND...: run COMMAND in the background, its output in $logs/NAME.log.
+start() {
+	local name=$1
+	shift
+	started[$name]=$SECONDS
+	echo "setup: $name started" >&2
+	("$@") >"$logs/$name.log" 2>&1 &
+	pids[$name]=$!
+}
+
+# finish NAME...: wait for each step; record its time, or its failure.
+finish() {
+	local name status
+	for name in "$@"; do
+		status=0
+		wait "${pids[$name]}" || status=$?
+		took[$name]=$((SECONDS - started[$name]))
+		if ((status == 0)); then
+			echo "setup: $name done in ${took[$name]}s" >&2
+		else
+			failed[$name]=$status
+			echo "setup: $name FAILED (exit $status) after ${took[$name]}s; the end of its log:" >&2
+			tail -n 40 "$logs/$name.log" | sed "s/^/  $name| /" >&2
+		fi
+	done
+}
+
+summary() {
+	local name
+	echo "setup: wall time per step (logs in $logs)" >&2
+	for name in node-packages python-env kubernetes controllers base-image images; do
+		[[ -n ${took[$name]:-} ]] || continue
+		printf 'setup: | %-14s | %5ss |%s\n' "$name" "${took[$name]}" \
+			"${failed[$name]:+ failed}" >&2
+	done
+	printf 'setup: | %-14s | %5ss |\n' "all (overlapped)" "$((SECONDS - start_all))" >&2
+}
+
+controllers() {
+	# One go command at a time here: the Kubernetes build beside it already fills both cores.
+	bash tests/cluster/controllers/build.sh
+}
+
+start node-packages bash scripts/install-node-packages.sh
+start python-env bash scripts/bootstrap.sh
+start kubernetes bash tests/controlplane/build.sh
+start controllers controllers
+
+finish node-packages
+if [[ -z ${failed[node-packages]:-} ]]; then
+	# Only the standard library: it runs before .venv exists.
+	start base-image python3 -m tests.cluster.images build base
+fi
+finish python-env
+if [[ -n ${pids[base-image]:-} ]]; then
+	finish base-image
+fi
+if [[ -z ${failed[python-env]:-} && -z ${failed[node-packages]:-} && -z ${failed[base-image]:-} ]]; then
+	# `prune` builds every image (the base from the cache) and drops layers none of them uses.
+	start images .venv/bin/python -m tests.cluster.images prune
+	finish images
+fi
+finish kubernetes controllers
+summary
+((${#failed[@]} == 0))
