@@ -66,13 +66,21 @@ from ulmfit_operator.api import (
 )
 from ulmfit_operator.children import (
     CONFIGMAP_KIND,
+    DASHBOARD_PORT,
     LABEL_ATTEMPT,
     LABEL_JOB,
     LABEL_STAGE,
     RAYJOB_CRD,
     RAYJOB_KIND,
+    Attempt,
     Child,
     ChildPhase,
+    Owner,
+    child_workload,
+    dashboard_service,
+    network_policy,
+    stage_config_map,
+    tune_backend,
 )
 from ulmfit_operator.decisions import (
     Action,
@@ -120,16 +128,6 @@ from ulmfit_operator.status import (
     pseudo_label_stats,
     read_status,
     set_condition,
-)
-from ulmfit_operator.workloads import (
-    DASHBOARD_PORT,
-    Attempt,
-    Owner,
-    child_workload,
-    dashboard_service,
-    network_policy,
-    stage_config_map,
-    tune_backend,
 )
 
 STOPPED_STALE = "ProgressDeadlineExceeded"

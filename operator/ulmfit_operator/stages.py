@@ -16,7 +16,14 @@ from ulmfit_trainer.config import TuneBackend
 from ulmfit_trainer.records import StageProgress
 
 from ulmfit_operator.api import StageState
-from ulmfit_operator.children import Child, ChildPhase
+from ulmfit_operator.children import (
+    DASHBOARD_PORT,
+    Child,
+    ChildPhase,
+    Owner,
+    dashboard_address,
+    dashboard_service_name,
+)
 from ulmfit_operator.decisions import Event
 from ulmfit_operator.observations import FinalCheckpoint
 from ulmfit_operator.plan import PlannedStage
@@ -27,12 +34,6 @@ from ulmfit_operator.status import (
     ULMFiTJobStatus,
     format_time,
     parse_time,
-)
-from ulmfit_operator.workloads import (
-    DASHBOARD_PORT,
-    Owner,
-    dashboard_address,
-    dashboard_service_name,
 )
 
 

@@ -32,9 +32,9 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from ulmfit_operator.api import Metadata, ULMFiTJob
 from ulmfit_operator.children import LABEL_JOB, ChildRef
+from ulmfit_operator.children.common import config_map_name
 from ulmfit_operator.metrics import OperatorMetrics
 from ulmfit_operator.runtime.kube import Kube, job_ref
-from ulmfit_operator.workloads import config_map_name
 from ulmfit_trainer.config import S3Settings, StageConfig
 from ulmfit_trainer.records import EvaluationSummary, StageProgress
 from ulmfit_trainer.store import CheckpointStore, open_store

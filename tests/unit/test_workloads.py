@@ -7,25 +7,24 @@ from typing import Any
 
 import pytest
 from ulmfit_operator.api import Metadata, ULMFiTJob, parse_spec
-from ulmfit_operator.children import ANNOTATION_STOPPED, ChildPhase, observe_child, stop_patch
-from ulmfit_operator.plan import make_plan
-from ulmfit_operator.policy import PodNetwork
-from ulmfit_operator.workloads import (
-    MAX_CHILD_NAME,
+from ulmfit_operator.children import (
     Attempt,
+    ChildPhase,
     Owner,
-    child_name,
     child_workload,
     dashboard_service,
     dashboard_service_name,
-    evaluate_job,
     network_policy,
-    pytorch_job,
+    observe_child,
     stage_config_map,
-    tune_gpus,
-    tune_job,
-    tune_rayjob,
+    stop_patch,
 )
+from ulmfit_operator.children.batch import evaluate_job, tune_gpus, tune_job
+from ulmfit_operator.children.common import ANNOTATION_STOPPED, MAX_CHILD_NAME, child_name
+from ulmfit_operator.children.pytorchjob import pytorch_job
+from ulmfit_operator.children.rayjob import tune_rayjob
+from ulmfit_operator.plan import make_plan
+from ulmfit_operator.policy import PodNetwork
 from ulmfit_trainer.config import StageConfig, TuneBackend
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,18 +17,12 @@ from ulmfit_operator.api import (
     ULMFiTJob,
     parse_spec,
 )
+from ulmfit_operator.children import Attempt, Owner, child_workload
+from ulmfit_operator.children.batch import evaluate_job, tune_job
+from ulmfit_operator.children.pytorchjob import pytorch_job
+from ulmfit_operator.children.rayjob import submitter_template, tune_rayjob
 from ulmfit_operator.plan import make_plan
 from ulmfit_operator.pod_overrides import OPERATOR_VOLUMES
-from ulmfit_operator.workloads import (
-    Attempt,
-    Owner,
-    child_workload,
-    evaluate_job,
-    pytorch_job,
-    submitter_template,
-    tune_job,
-    tune_rayjob,
-)
 from ulmfit_trainer.config import TuneBackend
 
 from tests.unit.test_api_overrides import FULL

@@ -2,7 +2,7 @@
 
 The schema source: the kubernetes client's models (Pods, Jobs, Services, NetworkPolicies,
 ConfigMaps) and kubeflow-training's (PyTorchJob). The reference builders below are the operator's
-former, model-based ones; `ulmfit_operator.workloads` builds the same JSON (same keys, same order,
+former, model-based ones; `ulmfit_operator.children` builds the same JSON (same keys, same order,
 same values) without importing the models. Compared as serialized text, so key order counts too.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,52 +22,56 @@ from kubeflow.training.models import (
     KubeflowOrgV1RunPolicy,
 )
 from kubernetes import client as k8s
-from ulmfit_operator import workloads
+from ulmfit_operator import children
 from ulmfit_operator.api import Metadata, ULMFiTJob, ULMFiTJobSpec, parse_spec
-from ulmfit_operator.children import (
-    ANNOTATION_INIT_CHECKPOINT,
-    CONFIGMAP_KIND,
+from ulmfit_operator.children import batch, fence, pytorchjob, rayjob, service
+from ulmfit_operator.children.batch import (
+    EVALUATE_CONTAINER,
     JOB_API_VERSION,
     JOB_KIND,
-    LABEL_JOB,
-    NETWORKPOLICY_API_VERSION,
-    NETWORKPOLICY_KIND,
-    PYTORCHJOB_API_VERSION,
-    PYTORCHJOB_KIND,
-    RAYJOB_API_VERSION,
-    RAYJOB_KIND,
-    ROLE_RAY_HEAD,
-    ROLE_RAY_SUBMITTER,
-    SERVICE_KIND,
+    TUNE_CONTAINER,
+    tune_gpus,
 )
-from ulmfit_operator.plan import TUNE_KEY, PlannedStage, make_plan
-from ulmfit_operator.policy import PodNetwork
-from ulmfit_operator.workloads import (
+from ulmfit_operator.children.common import (
+    ANNOTATION_INIT_CHECKPOINT,
     CONFIG_DIR,
     CONFIG_FILE,
+    CONFIGMAP_KIND,
     DASHBOARD_PORT,
     DASHBOARD_PORT_NAME,
-    EVALUATE_CONTAINER,
-    PYTORCH_CONTAINER,
-    PYTORCH_PORT,
-    PYTORCH_PORT_NAME,
-    RAY_CLIENT_PORT,
-    RAY_GCS_PORT,
-    RAY_HEAD_CONTAINER,
-    RAY_WORKER_CONTAINER,
+    LABEL_JOB,
+    ROLE_RAY_HEAD,
     RUN_AS_USER,
-    TUNE_CONTAINER,
     Attempt,
     Owner,
-    _whole_cpus,
     child_name,
     config_map_name,
     dashboard_service_name,
     network_policy_name,
     single_process_command,
     torchrun_command,
-    tune_gpus,
 )
+from ulmfit_operator.children.fence import NETWORKPOLICY_API_VERSION, NETWORKPOLICY_KIND
+from ulmfit_operator.children.pytorchjob import (
+    PYTORCH_CONTAINER,
+    PYTORCH_PORT,
+    PYTORCH_PORT_NAME,
+    PYTORCHJOB_API_VERSION,
+    PYTORCHJOB_KIND,
+)
+from ulmfit_operator.children.rayjob import (
+    RAY_CLIENT_PORT,
+    RAY_GCS_PORT,
+    RAY_HEAD_CONTAINER,
+    RAY_WORKER_CONTAINER,
+    RAYJOB_API_VERSION,
+    RAYJOB_KIND,
+    ROLE_RAY_SUBMITTER,
+    _whole_cpus,
+)
+from ulmfit_operator.children.service import SERVICE_KIND
+from ulmfit_operator.plan import TUNE_KEY, PlannedStage, make_plan
+from ulmfit_operator.policy import PodNetwork
 from ulmfit_trainer.config import StageConfig, StorageSpec
 
 pytestmark = pytest.mark.timeout(120)
@@ -595,27 +600,27 @@ def test_operator_every_child_matches_the_model_built_body(owner: Owner, spec_na
             new = Attempt(owner, stage, spec, number, init_checkpoint=init)
             old = ModelAttempt(owner, stage, spec, number, init_checkpoint=init)
             child = new.name
-            assert text(workloads.stage_config_map(owner, child, stage, number)) == text(
+            assert text(children.stage_config_map(owner, child, stage, number)) == text(
                 stage_config_map(owner, child, stage, number)
             )
             if stage.name == TUNE_KEY:
                 pairs = [
-                    (workloads.tune_job(new), tune_job(old)),
-                    (workloads.tune_rayjob(new), tune_rayjob(old)),
-                    (workloads.submitter_template(new), to_dict(submitter_template(old))),
+                    (batch.tune_job(new), tune_job(old)),
+                    (rayjob.tune_rayjob(new), tune_rayjob(old)),
+                    (rayjob.submitter_template(new), to_dict(submitter_template(old))),
                 ]
             elif stage.distributed:
-                pairs = [(workloads.pytorch_job(new), pytorch_job(old))]
+                pairs = [(pytorchjob.pytorch_job(new), pytorch_job(old))]
             else:
-                pairs = [(workloads.evaluate_job(new), evaluate_job(old))]
+                pairs = [(batch.evaluate_job(new), evaluate_job(old))]
             for plain, model in pairs:
                 assert text(plain) == text(model)
                 built += 1
     assert built >= 2 * len(plan.stages)
-    assert text(workloads.dashboard_service(owner)) == text(dashboard_service(owner))
+    assert text(service.dashboard_service(owner)) == text(dashboard_service(owner))
     for network in NETWORKS:
         for port in (9000, 443):
-            assert text(workloads.network_policy(owner, port, network)) == text(
+            assert text(fence.network_policy(owner, port, network)) == text(
                 network_policy(owner, port, network)
             )
 
@@ -626,7 +631,7 @@ def test_operator_plan_covers_every_child_kind() -> None:
     owner = OWNERS[0]
     kinds = set()
     for stage in plan.stages:
-        body = workloads.child_workload(Attempt(owner, stage, spec, 1))
+        body = children.child_workload(Attempt(owner, stage, spec, 1))
         kinds.add(body["kind"])
         if body["kind"] == "PyTorchJob":
             assert "Worker" in body["spec"]["pytorchReplicaSpecs"]
@@ -635,8 +640,9 @@ def test_operator_plan_covers_every_child_kind() -> None:
 
 
 def test_operator_workloads_import_no_model_classes() -> None:
-    source = workloads.__file__
-    with open(source) as handle:
-        code = handle.read()
-    assert "import kubeflow" not in code and "from kubeflow" not in code
-    assert "from kubernetes" not in code and "import kubernetes" not in code
+    sources = sorted(Path(children.__file__).parent.glob("*.py"))
+    assert {"__init__.py", "common.py", "pytorchjob.py"} <= {source.name for source in sources}
+    for source in sources:
+        code = source.read_text()
+        assert "import kubeflow" not in code and "from kubeflow" not in code, source.name
+        assert "from kubernetes" not in code and "import kubernetes" not in code, source.name

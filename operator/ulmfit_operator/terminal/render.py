@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ulmfit_operator.children import LABEL_ATTEMPT, LABEL_JOB, LABEL_STAGE
+from ulmfit_operator.children import DASHBOARD_PORT, LABEL_ATTEMPT, LABEL_JOB, LABEL_STAGE
 from ulmfit_operator.status import parse_time
-from ulmfit_operator.workloads import DASHBOARD_PORT
 
 NONE = "-"
 KEY_METRICS = ("accuracy", "macroF1", "majorityBaseline", "loss", "perplexity", "pseudoLabels")

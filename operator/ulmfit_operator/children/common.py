@@ -1,37 +1,35 @@
-"""Pure: the child objects of a ULMFiTJob, and how to read them back.
+"""Pure: what every child shares, whatever its kind.
 
-Each attempt of a stage is one child: a Kubeflow `PyTorchJob` (Master + Workers running torchrun)
-for a distributed stage (LM stages, each co-trained model, the classifier), a `batch/v1` Job for
-the single-process `evaluate`, and for `tune` either a Job whose one pod runs a Ray head (backend
-`pod`) or a KubeRay `RayJob` (backend `rayjob`). Its stage config (the plan's `StageConfig` as
-JSON) lives in an owned ConfigMap mounted at `/etc/ulmfit`. Names are deterministic,
-`<job>-<stage key>-a<attempt>`, so an operator that restarts finds what it created instead of
-creating it twice. The tune stage also gets a Service `<job>-tune-dashboard` in front of the Ray
-dashboard (port 8265), owned by the job. With the operator's `--job-network-policy isolate`, a
-NetworkPolicy `<job>-pods` fences the job's pods (see `network_policy`).
+The vocabulary shared by what builds children and what watches them (the runtime's cache,
+`reconcile`): labels, annotations, the manager's name. Then the pieces every kind's builder is made
+of: the deterministic names of everything a job owns, the `Owner` (the ULMFiTJob, whose deletion
+deletes every child), the stage's ConfigMap, and the `Attempt` a workload is built from, with its
+pod and container templates. Last, the reading back: `Child`, one observed child of any kind with
+its `ChildPhase`, and `read_child`, which each kind's `observe` calls with its own reading of the
+status.
 
 Every pod runs as a non-root user with a read-only root filesystem; its writable places are two
-emptyDirs with size limits from the spec (`resources.scratch` for `/tmp`,
-`resources.sharedMemory` for `/dev/shm`). `resources.podTemplate` adds to every pod (labels,
-annotations, tolerations, affinity, priority, scheduler, ServiceAccount, pull secrets, volumes,
-env) but never replaces what the operator sets: the API models refuse a clash, and here the
-operator's values are written last. Containers report their failure through
-`terminationMessagePolicy: FallbackToLogsOnError` (the trainer writes its error line to
-`/dev/termination-log`; without it, the log's tail). A queued job (`api.queue_name`) gets each
-workload created suspended with Kueue's queue label, for Kueue to admit.
+emptyDirs with size limits from the spec (`resources.scratch` for `/tmp`, `resources.sharedMemory`
+for `/dev/shm`); the trainer's pods mount the stage config read-only at `/etc/ulmfit`, from the
+attempt's ConfigMap. `resources.podTemplate` adds to every pod (labels, annotations, tolerations,
+affinity, priority, scheduler, ServiceAccount, pull secrets, volumes, env) but never replaces what
+the operator sets: the API models refuse a clash, and here the operator's values are written last.
+Containers report their failure through `terminationMessagePolicy: FallbackToLogsOnError` (the
+trainer writes its error line to `/dev/termination-log`; without it, the log's tail).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel
-from ulmfit_trainer.config import StageConfig, StageName, StorageSpec, TuneBackend, TuneSpec
+from ulmfit_trainer.config import StageConfig, StorageSpec
 
 from ulmfit_operator.api import (
     API_VERSION,
@@ -40,43 +38,29 @@ from ulmfit_operator.api import (
     ULMFiTJobSpec,
     queue_name,
 )
-from ulmfit_operator.children import (
-    ANNOTATION_INIT_CHECKPOINT,
-    CONFIGMAP_KIND,
-    JOB_API_VERSION,
-    JOB_KIND,
-    LABEL_ATTEMPT,
-    LABEL_JOB,
-    LABEL_MANAGED_BY,
-    LABEL_ROLE,
-    LABEL_STAGE,
-    MANAGER,
-    NETWORKPOLICY_API_VERSION,
-    NETWORKPOLICY_KIND,
-    PYTORCHJOB_API_VERSION,
-    PYTORCHJOB_KIND,
-    RAYJOB_API_VERSION,
-    RAYJOB_KIND,
-    ROLE_RAY_HEAD,
-    ROLE_RAY_SUBMITTER,
-    SERVICE_KIND,
-)
-from ulmfit_operator.plan import TUNE_KEY, PlannedStage
+from ulmfit_operator.plan import PlannedStage
 from ulmfit_operator.pod_overrides import OPERATOR_VOLUMES, PodTemplateOverrides
-from ulmfit_operator.policy import PodNetwork
+from ulmfit_operator.status import parse_time
 
-# The Training Operator looks the container and its port up by these names.
-PYTORCH_CONTAINER = "pytorch"
-PYTORCH_PORT_NAME = "pytorchjob-port"
-PYTORCH_PORT = 23456
-EVALUATE_CONTAINER = "evaluate"
-TUNE_CONTAINER = "tune"
-RAY_HEAD_CONTAINER = "ray-head"
-RAY_WORKER_CONTAINER = "ray-worker"
+LABEL_JOB = "ulmfit.io/job"
+LABEL_STAGE = "ulmfit.io/stage"
+LABEL_ATTEMPT = "ulmfit.io/attempt"
+LABEL_ROLE = "ulmfit.io/role"
+ROLE_RAY_HEAD = "ray-head"
+"""On the pod that serves the Ray dashboard (the tune pod, or a RayJob's head): the Service
+selects it."""
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "ulmfit-operator"
+ANNOTATION_INIT_CHECKPOINT = "ulmfit.io/init-checkpoint"
+ANNOTATION_STOPPED = "ulmfit.io/stopped"
+"""Set by the operator on an attempt it stopped (the value is the reason); counts as failed."""
+
+CONFIGMAP_KIND = "ConfigMap"
+
+# The Ray dashboard: the tune pod or a RayJob's head serves it, the Service fronts it, and the
+# NetworkPolicy lets the KubeRay operator reach it.
 DASHBOARD_PORT = 8265
 DASHBOARD_PORT_NAME = "dashboard"
-RAY_GCS_PORT = 6379
-RAY_CLIENT_PORT = 10001
 
 CONFIG_DIR = "/etc/ulmfit"
 CONFIG_FILE = "stage.json"
@@ -233,12 +217,18 @@ class Owner:
         return {key: ref[key] for key in sorted(ref)}
 
 
+def _owned_metadata(owner: Owner, name: str, labels: dict[str, str]) -> Body:
+    """Metadata of a child that belongs to the whole job (the dashboard Service, the
+    NetworkPolicy), not to one attempt."""
+    return {
+        "labels": labels,
+        "name": name,
+        "namespace": owner.namespace,
+        "ownerReferences": [owner.owner_reference()],
+    }
+
+
 # ------------------------------------------------------------------------------------ builders
-#
-# Plain dicts, with keys in the order the kubernetes client's serializer writes them (a model's
-# fields by name; a map's keys as given), so that the bodies are exactly what its typed models
-# made. tests/unit/test_workloads_schema.py checks them against the kubernetes and kubeflow
-# models. Not importing those models keeps ~140 MB of model classes out of the operator.
 
 
 def stage_config_map(owner: Owner, child: str, stage: PlannedStage, attempt: int) -> Body:
@@ -327,6 +317,10 @@ def _pod_security_context() -> Body:
 
 def _port(name: str, port: int) -> Body:
     return {"containerPort": port, "name": name}
+
+
+def _dashboard_port() -> list[Body]:
+    return [_port(DASHBOARD_PORT_NAME, DASHBOARD_PORT)]
 
 
 def _empty_dir(name: str, size_limit: str, medium: str | None = None) -> Body:
@@ -476,304 +470,145 @@ class Attempt:
         return self.pod(container, role, restart_policy, volumes)
 
 
-def pytorch_job(attempt: Attempt) -> Body:
-    """The PyTorchJob for one attempt of a distributed stage: 1 Master + (workers - 1) Workers."""
-    res = attempt.spec.resources
-    command = torchrun_command(attempt.stage.kind.value, res.workers, res.processes_per_worker)
-    port = [_port(PYTORCH_PORT_NAME, PYTORCH_PORT)]
+def suspend_spec() -> Body:
+    """The spec part of the merge patch that suspends a batch Job, and any kind that suspends as
+    it does (a RayJob)."""
+    return {"suspend": True}
 
-    def replicas(count: int) -> Body:
-        container = attempt.container(PYTORCH_CONTAINER, command, res.gpus_per_worker, port)
-        return {
-            "replicas": count,
-            "restartPolicy": "Never",
-            "template": attempt.pod_template(container),
-        }
 
-    replica_specs = {"Master": replicas(1)}
-    if res.workers > 1:
-        replica_specs["Worker"] = replicas(res.workers - 1)
-    run_policy = {
-        # Retries are ours (a new attempt that resumes from the store), not pod restarts.
-        "backoffLimit": 0,
-        "cleanPodPolicy": "Running",
-        "schedulingPolicy": scheduling_policy(attempt.spec),
-        "suspend": True if attempt.queue else None,
-    }
+# -------------------------------------------------------------------------------- reading back
+
+
+class ChildPhase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+@dataclass(frozen=True)
+class Child:
+    """One observed child workload, whatever its kind."""
+
+    name: str
+    namespace: str
+    api_version: str
+    kind: str
+    job: str
+    """Name of the owning ULMFiTJob (from the `ulmfit.io/job` label)."""
+    stage: str
+    attempt: int
+    owner_uid: str
+    phase: ChildPhase
+    message: str = ""
+    """Why it failed (reason: message of its Failed condition)."""
+    created: datetime | None = None
+    started: datetime | None = None
+    deleting: bool = False
+    stopped: str | None = None
+    """The reason the operator stopped this attempt (it counts as failed)."""
+    resource_version: str = ""
+    resumed: datetime | None = None
+    """When it was last unsuspended (a queue admitted it), if its controller says so."""
+
+    @property
+    def active(self) -> bool:
+        """Still working on the stage, or waiting to: neither finished, nor stopped, nor going
+        away."""
+        return (
+            not self.deleting
+            and self.stopped is None
+            and self.phase in (ChildPhase.PENDING, ChildPhase.RUNNING, ChildPhase.SUSPENDED)
+        )
+
+    @property
+    def waiting(self) -> bool:
+        """Suspended by someone else (a queue such as Kueue holds it until it admits it): the
+        attempt waits; it has neither failed nor started."""
+        return self.active and self.phase == ChildPhase.SUSPENDED
+
+    @property
+    def ref(self) -> ChildRef:
+        return ChildRef(self.api_version, self.kind, self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class ChildRef:
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+
+
+def _true_conditions(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
-        "apiVersion": PYTORCHJOB_API_VERSION,
-        "kind": PYTORCHJOB_KIND,
-        "metadata": attempt.metadata(),
-        "spec": {
-            "nprocPerNode": str(res.processes_per_worker),
-            "pytorchReplicaSpecs": replica_specs,
-            "runPolicy": _present(run_policy),
-        },
+        str(c.get("type")): c
+        for c in status.get("conditions") or []
+        if isinstance(c, dict) and c.get("status") == "True"
     }
 
 
-def scheduling_policy(spec: ULMFiTJobSpec) -> Body | None:
-    """The PyTorchJob's gang-scheduling policy (`runPolicy.schedulingPolicy`), None without one.
-    `minAvailable` defaults to every pod of the stage: torchrun's static rendezvous needs them
-    all, and a half-placed gang would hold its GPUs while it waits for the rest."""
-    gang = spec.run_policy.scheduling_policy
-    if gang is None:
+def _failure_message(condition: dict[str, Any] | None) -> str:
+    if not condition:
+        return ""
+    reason, message = condition.get("reason") or "", condition.get("message") or ""
+    return f"{reason}: {message}" if reason and message else reason or message
+
+
+PhaseReader = Callable[[Body, Body], tuple[ChildPhase, str]]
+"""One kind's reading of its object's `spec` and `status`: the phase, and why it failed."""
+
+
+def read_child(body: Body, phase_of: PhaseReader) -> Child | None:
+    """A child we created, as reconcile sees it, its phase as `phase_of` reads it; None without
+    the labels the operator puts on every child."""
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if LABEL_JOB not in labels or LABEL_STAGE not in labels:
         return None
-    return _present(
-        {
-            "minAvailable": gang.min_available or spec.resources.workers,
-            "priorityClass": gang.priority_class,
-            "queue": gang.queue,
-            "scheduleTimeoutSeconds": gang.schedule_timeout_seconds,
-        }
+    try:
+        attempt = int(labels.get(LABEL_ATTEMPT, "0"))
+    except ValueError:
+        return None
+    owner_uid = next(
+        (
+            ref.get("uid", "")
+            for ref in meta.get("ownerReferences") or []
+            if ref.get("kind") == KIND and ref.get("controller")
+        ),
+        "",
+    )
+    status = body.get("status") or {}
+    phase, message = phase_of(body.get("spec") or {}, status)
+    annotations = meta.get("annotations") or {}
+    return Child(
+        name=str(meta.get("name")),
+        namespace=str(meta.get("namespace")),
+        api_version=str(body.get("apiVersion")),
+        kind=str(body.get("kind")),
+        job=str(labels[LABEL_JOB]),
+        stage=str(labels[LABEL_STAGE]),
+        attempt=attempt,
+        owner_uid=owner_uid,
+        phase=phase,
+        message=message,
+        created=parse_time(meta.get("creationTimestamp")),
+        started=parse_time(status.get("startTime")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        stopped=annotations.get(ANNOTATION_STOPPED),
+        resource_version=str(meta.get("resourceVersion", "")),
+        resumed=_resumed_at(status),
     )
 
 
-def _batch_job(attempt: Attempt, container: Body, role: str | None = None) -> Body:
-    return {
-        "apiVersion": JOB_API_VERSION,
-        "kind": JOB_KIND,
-        "metadata": attempt.metadata(),
-        "spec": _present(
-            {
-                "backoffLimit": 0,
-                # Queued: Kueue unsuspends the Job when it admits it.
-                "suspend": True if attempt.queue else None,
-                "template": attempt.pod_template(container, role),
-            }
-        ),
-    }
-
-
-def evaluate_job(attempt: Attempt) -> Body:
-    """The batch/v1 Job for one attempt of the single-process `evaluate` stage."""
-    gpus = min(attempt.spec.resources.gpus_per_worker, 1)
-    command = single_process_command(attempt.stage.kind.value)
-    return _batch_job(attempt, attempt.container(EVALUATE_CONTAINER, command, gpus))
-
-
-def tune_gpus(tune: TuneSpec, spec: ULMFiTJobSpec) -> int:
-    """GPUs of the pod that runs a whole sweep (backend `pod`).
-
-    With `concurrentTrials` set, enough for that many trials at once:
-    ceil(gpusPerTrial x concurrentTrials). Otherwise `resources.gpusPerWorker` (Ray runs as many
-    trials as fit), but at least enough for one trial.
-    """
-    if tune.gpus_per_trial <= 0:
-        return 0
-    if tune.concurrent_trials is not None:
-        return math.ceil(tune.gpus_per_trial * tune.concurrent_trials)
-    return max(spec.resources.gpus_per_worker, math.ceil(tune.gpus_per_trial))
-
-
-def _dashboard_port() -> list[Body]:
-    return [_port(DASHBOARD_PORT_NAME, DASHBOARD_PORT)]
-
-
-def tune_job(attempt: Attempt) -> Body:
-    """Backend `pod`: a batch/v1 Job whose one pod starts a Ray head and runs the whole sweep.
-
-    Its dashboard listens on the pod's loopback only: the job-submission API behind it has no
-    authentication, and nothing but `kubectl port-forward` (which connects inside the pod) needs
-    it."""
-    tune = attempt.stage.config.tune
-    assert tune is not None  # a tune stage's config always carries its sweep
-    env = [
-        _env("ULMFIT_RAY_DASHBOARD_HOST", "127.0.0.1"),
-        _env("ULMFIT_RAY_DASHBOARD_PORT", str(DASHBOARD_PORT)),
-    ]
-    container = attempt.container(
-        TUNE_CONTAINER,
-        single_process_command(attempt.stage.kind.value),
-        tune_gpus(tune, attempt.spec),
-        ports=_dashboard_port(),
-        extra_env=env,
-    )
-    return _batch_job(attempt, container, ROLE_RAY_HEAD)
-
-
-def tune_rayjob(attempt: Attempt) -> Body:
-    """Backend `rayjob`: a KubeRay RayJob; its cluster is a head plus `workers - 1` workers.
-
-    KubeRay starts Ray in each pod (from `rayStartParams`), submits the entrypoint to the head
-    (with RAY_ADDRESS set, so the trainer joins that cluster) and, with
-    `shutdownAfterJobFinishes`, deletes the cluster when the sweep ends. Every Ray pod mounts the
-    stage config; each gets `resources.cpu/memory/gpusPerWorker`. The head's dashboard must listen
-    on the pod network (KubeRay submits and follows the sweep through it); the job's
-    NetworkPolicy admits only the job's own pods and the KubeRay operator to it. The submitter pod
-    is ours too (`submitter_template`): labelled as the job's, non-root like every other.
-    """
-    res = attempt.spec.resources
-    head_ports = [
-        _port("gcs-server", RAY_GCS_PORT),
-        _port("client", RAY_CLIENT_PORT),
-        *_dashboard_port(),
-    ]
-    head = attempt.container(RAY_HEAD_CONTAINER, None, res.gpus_per_worker, head_ports)
-    start_params = {"num-cpus": _whole_cpus(res.cpu)}
-    head_group: Body = {
-        "rayStartParams": {**start_params, "dashboard-host": "0.0.0.0"},
-        "template": attempt.pod_template(head, ROLE_RAY_HEAD, restart_policy=None),
-    }
-    ray_cluster: Body = {"headGroupSpec": head_group}
-    if res.workers > 1:
-        worker = attempt.container(RAY_WORKER_CONTAINER, None, res.gpus_per_worker)
-        ray_cluster["workerGroupSpecs"] = [
-            {
-                "groupName": "workers",
-                "replicas": res.workers - 1,
-                "minReplicas": res.workers - 1,
-                "maxReplicas": res.workers - 1,
-                "rayStartParams": dict(start_params),
-                "template": attempt.pod_template(worker, restart_policy=None),
-            }
-        ]
-    return {
-        "apiVersion": RAYJOB_API_VERSION,
-        "kind": RAYJOB_KIND,
-        "metadata": attempt.metadata(),
-        "spec": _present(
-            {
-                "entrypoint": " ".join(single_process_command(attempt.stage.kind.value)),
-                # Kueue also needs this to manage a RayJob (it refuses one that keeps its cluster).
-                "shutdownAfterJobFinishes": True,
-                "suspend": True if attempt.queue else None,
-                "submitterPodTemplate": submitter_template(attempt),
-                "rayClusterSpec": ray_cluster,
-            }
-        ),
-    }
-
-
-def submitter_template(attempt: Attempt) -> Body:
-    """The pod where KubeRay runs `ray job submit` (it fills in the container's command and the
-    dashboard address): the trainer image (it has the `ray` CLI), small, non-root."""
-    res = attempt.spec.resources
-    user = attempt.user_container_parts()
-    container = _present(
-        {
-            "env": [*user["env"], _env("HOME", "/tmp")],
-            "envFrom": user["envFrom"],
-            "image": res.image,
-            "imagePullPolicy": res.image_pull_policy,
-            "name": "ray-job-submitter",
-            "resources": {
-                "limits": {"cpu": "1", "memory": "1Gi"},
-                "requests": {"cpu": "100m", "memory": "256Mi"},
-            },
-            "securityContext": _security_context(),
-            # `ray job submit` follows the sweep's log: its tail says why the sweep failed.
-            "terminationMessagePolicy": TERMINATION_MESSAGE_POLICY,
-            "volumeMounts": [{"mountPath": "/tmp", "name": TMP_VOLUME}, *user["volumeMounts"]],
-        }
-    )
-    volumes = [_empty_dir(TMP_VOLUME, "1Gi")]
-    return attempt.pod(container, ROLE_RAY_SUBMITTER, "Never", volumes)
-
-
-def _whole_cpus(quantity: str) -> str:
-    """Ray's `--num-cpus` from a Kubernetes CPU quantity (`500m` -> 1, `2` -> 2)."""
-    if quantity.endswith("m"):
-        return str(max(1, math.ceil(float(quantity[:-1]) / 1000)))
-    return str(max(1, math.ceil(float(quantity))))
-
-
-def _owned_metadata(owner: Owner, name: str, labels: dict[str, str]) -> Body:
-    return {
-        "labels": labels,
-        "name": name,
-        "namespace": owner.namespace,
-        "ownerReferences": [owner.owner_reference()],
-    }
-
-
-def dashboard_service(owner: Owner) -> Body:
-    """ClusterIP Service on port 8265 in front of the pod with the Ray head (any attempt's)."""
-    return {
-        "apiVersion": "v1",
-        "kind": SERVICE_KIND,
-        "metadata": _owned_metadata(
-            owner, dashboard_service_name(owner.name), owner.labels(TUNE_KEY)
-        ),
-        "spec": {
-            "ports": [
-                {
-                    "name": DASHBOARD_PORT_NAME,
-                    "port": DASHBOARD_PORT,
-                    "protocol": "TCP",
-                    "targetPort": DASHBOARD_PORT_NAME,
-                }
-            ],
-            "selector": owner.labels(TUNE_KEY, role=ROLE_RAY_HEAD),
-            "type": "ClusterIP",
-        },
-    }
-
-
-def network_policy(owner: Owner, s3_port: int, network: PodNetwork) -> Body:
-    """The NetworkPolicy around a job's pods (all of them: every stage, attempt and role).
-
-    Ingress: from the job's own pods (torchrun's rendezvous, Ray's head and workers, the RayJob
-    submitter), and the Ray dashboard port from the KubeRay operator's pods. Egress: to the job's
-    own pods, DNS (port 53, wherever the cluster's resolver is) and the S3 endpoint's port at
-    `network.s3_cidrs`. Nothing else: the pods hold the job's S3 keys.
-    """
-
-    def own() -> list[Body]:
-        return [{"podSelector": {"matchLabels": {LABEL_JOB: owner.name}}}]
-
-    ingress: list[Body] = [{"from": own()}]
-    if network.ray_operator_labels:
-        ingress.append(
-            {
-                "from": [
-                    {
-                        "namespaceSelector": {},
-                        "podSelector": {"matchLabels": dict(network.ray_operator_labels)},
-                    }
-                ],
-                "ports": [{"port": DASHBOARD_PORT, "protocol": "TCP"}],
-            }
-        )
-    egress: list[Body] = [
-        {"to": own()},
-        {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
-    ]
-    if network.s3_cidrs:
-        egress.append(
-            {
-                "ports": [{"port": s3_port, "protocol": "TCP"}],
-                "to": [{"ipBlock": {"cidr": cidr}} for cidr in network.s3_cidrs],
-            }
-        )
-    return {
-        "apiVersion": NETWORKPOLICY_API_VERSION,
-        "kind": NETWORKPOLICY_KIND,
-        "metadata": _owned_metadata(owner, network_policy_name(owner.name), owner.labels()),
-        "spec": {
-            "egress": egress,
-            "ingress": ingress,
-            "podSelector": {"matchLabels": {LABEL_JOB: owner.name}},
-            "policyTypes": ["Ingress", "Egress"],
-        },
-    }
-
-
-def tune_backend(stage: PlannedStage, rayjob_available: bool) -> TuneBackend:
-    """`auto` becomes `rayjob` where the RayJob CRD is installed, else `pod`."""
-    tune = stage.config.tune
-    wanted = tune.backend if tune is not None else TuneBackend.POD
-    if wanted == TuneBackend.AUTO:
-        return TuneBackend.RAYJOB if rayjob_available else TuneBackend.POD
-    return wanted
-
-
-def child_workload(attempt: Attempt, backend: TuneBackend = TuneBackend.POD) -> Body:
-    """The child workload of one attempt (`backend` only matters to a tune stage)."""
-    if attempt.stage.kind == StageName.TUNE:
-        build = tune_rayjob if backend == TuneBackend.RAYJOB else tune_job
-    elif attempt.stage.distributed:
-        build = pytorch_job
-    else:
-        build = evaluate_job
-    return build(attempt)
+def _resumed_at(status: dict[str, Any]) -> datetime | None:
+    """The time a `Suspended` condition last turned False (PyTorchJob and batch Job alike)."""
+    for condition in status.get("conditions") or []:
+        if (
+            isinstance(condition, dict)
+            and condition.get("type") == "Suspended"
+            and condition.get("status") == "False"
+        ):
+            return parse_time(condition.get("lastTransitionTime"))
+    return None
