@@ -104,9 +104,11 @@ uv_install torch setuptools wheel
 if ! deepspeed_ready; then
   build_tools
   echo "building DeepSpeed $(pinned deepspeed) with its CPU shared-memory op (1-2 minutes, once)"
+  deepspeed_start=$SECONDS
   DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu \
     uv_install --no-build-isolation --reinstall-package deepspeed deepspeed
   deepspeed_ready || { echo "DeepSpeed was installed without its shared-memory op" >&2; exit 1; }
+  echo "DeepSpeed and its op built in $((SECONDS - deepspeed_start))s"
 fi
 uv_install -e ".[operator,trainer,test]"
 echo "environment ready: .venv ($(.venv/bin/python --version)), pinned by $LOCK"

@@ -63,6 +63,9 @@ summary() {
 			"${failed[$name]:+ failed}" >&2
 	done
 	printf 'setup: | %-14s | %5ss |\n' "all (overlapped)" "$((SECONDS - start_all))" >&2
+	# Within the steps: each Go build, DeepSpeed's op, each image layer built (none when cached).
+	grep -hE 'built in [0-9]+s|MB in [0-9]+s|--target [a-z]+: [0-9]+s' "$logs"/*.log |
+		sed 's/^/setup:   /' >&2 || true
 }
 
 controllers() {

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ class NodeCluster(ControlPlane):
     host: str = network.HOST_IP
     controllers: dict[str, Path] = field(default_factory=dict)
     images: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of `start()` (``start``) and of the image import within it (``image import``)."""
     processes: list[ServerProcess] = field(default_factory=list)
     containerd_socket: Path = field(init=False)
 
@@ -98,18 +101,22 @@ class NodeCluster(ControlPlane):
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        began = time.monotonic()
         try:
             network.bridge_up()
             super().start()
             self._start_controller_manager()
             self._start_scheduler()
             self._start_containerd()
+            importing = time.monotonic()
             self._import_images()
+            self.seconds["image import"] = time.monotonic() - importing
             self._start_kubelet()
             self._start_proxy()
             self._start_coredns()
             self._wait_for_node()
             self._start_controllers()
+            self.seconds["start"] = time.monotonic() - began
         except BaseException:
             self.stop()
             raise

@@ -60,6 +60,19 @@ def _node_binaries_present() -> bool:
     )
 
 
+_STARTS: list[dict[str, float]] = []
+"""What each cluster of this session spent starting (``NodeCluster.seconds``)."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The cluster's start-up beside the slowest tests: it is set-up no test's duration shows."""
+    for seconds in _STARTS:
+        terminalreporter.write_line(
+            f"cluster start: {seconds.get('start', 0):.0f}s, of which the image import into "
+            f"containerd {seconds.get('image import', 0):.0f}s"
+        )
+
+
 @pytest.fixture(scope="session")
 def node_cluster() -> Iterator[object]:
     """A real one-node cluster for the whole session."""
@@ -73,6 +86,7 @@ def node_cluster() -> Iterator[object]:
     workdir = Path(tempfile.mkdtemp(prefix="ulmfit-cluster-"))
     cluster = NodeCluster(binaries=directory, workdir=workdir, controllers=controller_dirs())
     with cluster:
+        _STARTS.append(cluster.seconds)
         yield cluster
     if not os.environ.get("ULMFIT_KEEP_CLUSTER"):
         shutil.rmtree(workdir, ignore_errors=True)
