@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fnmatch
 import hashlib
 import io
 import json
@@ -69,6 +70,22 @@ BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificate
 # (1 GB): `import torch, deepspeed, transformers, ray.tune` and CPU training work without it (the
 # trainer never calls torch.compile), which tests/integration/test_cluster_images.py checks.
 TRAINER_EXCLUDED = frozenset({"triton"})
+# Files of the remaining distributions that only a CUDA device would load, by site-packages path.
+# `import torch, deepspeed, transformers, ray.tune` and a CPU backward step map none of them:
+# cuDNN's engine libraries (torch links only libcudnn.so.9, which loads them on first use), the
+# multi-GPU solver, NVSHMEM's device code and network transports, the profiler's host libraries,
+# static archives and C headers (no compiler is in the image to use them). 1.2 GB of the 5.6 GB
+# image; tests/integration/test_cluster_images.py runs the trainer stack and a stage in the image.
+TRAINER_CUDA_ONLY_FILES = (
+    "nvidia/cudnn/lib/libcudnn_*",
+    "nvidia/*/lib/libcusolverMg.so*",
+    "nvidia/*/lib/libnvperf_*",
+    "nvidia/nvshmem/lib/*.bc",
+    "nvidia/nvshmem/lib/nvshmem_transport_*",
+    "nvidia/*/lib/*.a",
+    "nvidia/*/include/*",
+    "torch/include/*",
+)
 VENV = "/opt/venv"
 NONROOT = "65532:65532"
 PYTHON_LABEL = "io.ulmfit-operator.test.python"  # the base image's Python version
@@ -880,11 +897,14 @@ def _is_bytecode(path: str) -> bool:
     return path.endswith((".pyc", ".pyo")) or "/__pycache__/" in f"/{path}"
 
 
-def venv_entries(venv: Venv, dists: Iterable[metadata.Distribution]) -> list[Entry]:
+def venv_entries(
+    venv: Venv, dists: Iterable[metadata.Distribution], excluded: Sequence[str] = ()
+) -> list[Entry]:
     """The files of ``dists`` (as their RECORDs list them) placed under ``VENV`` in the image.
 
-    Bytecode is left out (``compiled`` adds fresh bytecode); console scripts get a shebang for
-    the image's venv.
+    Bytecode is left out (``compiled`` adds fresh bytecode), and so is every file whose path in
+    site-packages matches a pattern of ``excluded``; console scripts get a shebang for the
+    image's venv.
     """
     entries = []
     site = venv.site_packages
@@ -894,6 +914,8 @@ def venv_entries(venv: Venv, dists: Iterable[metadata.Distribution]) -> list[Ent
             path = os.path.normpath(site / recorded)
             rel = os.path.relpath(path, venv.root)
             if rel.startswith("..") or _is_bytecode(rel):
+                continue
+            if any(fnmatch.fnmatchcase(recorded, pattern) for pattern in excluded):
                 continue
             target = f"{VENV.strip('/')}/{rel}"
             if os.path.islink(path):
@@ -1006,7 +1028,7 @@ def build_trainer(store: Store, base: Image, venv: Venv | None = None) -> Image:
             Entry(f"{v}/bin/python3", "symlink", 0o777, link=f"python{venv.minor}"),
             Entry(f"{v}/bin/python", "symlink", 0o777, link=f"python{venv.minor}"),
             Entry(f"{v}/lib64", "symlink", 0o777, link="lib"),
-            *venv_entries(venv, dists),
+            *venv_entries(venv, dists, TRAINER_CUDA_ONLY_FILES),
         ]
         return entries + compiled(entries, workdir, cache_tag)
 
@@ -1019,6 +1041,7 @@ def build_trainer(store: Store, base: Image, venv: Venv | None = None) -> Image:
         {
             "python": venv.minor,
             "base_python": base_python,
+            "excluded": list(TRAINER_CUDA_ONLY_FILES),
             "distributions": [
                 [dist.metadata["Name"], dist.version, sha256_hex(dist.read_text("RECORD") or "")]
                 for dist in dists

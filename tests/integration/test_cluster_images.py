@@ -9,6 +9,7 @@ module), so a rerun only imports them.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import io
 import json
@@ -158,6 +159,42 @@ def test_the_trainer_closure_is_the_trainer_extra_of_the_test_venv() -> None:
     assert {"pydantic", "minio", "typer"} <= names  # the core dependencies
     assert "aiohttp" in names  # through ray[default]
     assert not names & {"triton", "pytest", "checkov", "kopf", "kubernetes", "mypy", "optuna"}
+
+
+def test_files_left_out_of_the_trainer_image_are_none_that_cpu_training_loads() -> None:
+    """Each CUDA-only pattern still matches files, and none matches a library the stack maps.
+
+    The stack is imported and runs a backward step in a fresh interpreter of the test venv, which
+    then lists the shared objects mapped into it (``/proc/self/maps``).
+    """
+    venv = images.Venv(images.ROOT / ".venv")
+    parts.require(venv.site_packages.is_dir(), "the test venv", "run `make env`")
+    dists = venv.closure(images.project_requirements(["trainer"]), images.TRAINER_EXCLUDED)
+    recorded = [path for dist in dists for path in images._record_paths(dist)]
+    for pattern in images.TRAINER_CUDA_ONLY_FILES:
+        assert any(fnmatch.fnmatchcase(path, pattern) for path in recorded), pattern
+    script = (
+        "import torch, deepspeed, transformers, ray.tune\n"
+        "torch.nn.Linear(4, 2)(torch.randn(3, 4)).sum().backward()\n"
+        "print('\\n'.join({line.split()[-1] for line in open('/proc/self/maps')"
+        " if '/site-packages/' in line}))\n"
+    )
+    run = subprocess.run(
+        [str(images.ROOT / ".venv" / "bin" / "python"), "-c", script],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    mapped = [
+        line.split("/site-packages/", 1)[1]
+        for line in run.stdout.splitlines()
+        if "/site-packages/" in line
+    ]
+    assert any(path.startswith("nvidia/") for path in mapped), mapped  # torch links CUDA libraries
+    dropped = [
+        path
+        for path in mapped
+        if any(fnmatch.fnmatchcase(path, p) for p in images.TRAINER_CUDA_ONLY_FILES)
+    ]
+    assert dropped == []
 
 
 # --- images in containerd ------------------------------------------------------------------------
