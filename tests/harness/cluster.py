@@ -18,12 +18,14 @@ Starting the cluster needs root (containerd, a bridge, iptables) and the binarie
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,8 +62,34 @@ def _node_binaries_present() -> bool:
     )
 
 
+NODE_GROUP = "node-cluster"
+"""The pytest-xdist group of every test that uses the one-node cluster."""
+
 _STARTS: list[dict[str, float]] = []
 """What each cluster of this session spent starting (``NodeCluster.seconds``)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``), the tests that use the one-node cluster all
+    run in one worker, in file order: a machine has one such cluster (its bridge, its ports, its
+    containerd), and the e2e tests end with ``helm uninstall``. The other worker meanwhile runs
+    the tests that need none of it, most of them bound by the CPU while the cluster's mostly
+    wait on pods."""
+    for item in items:
+        if "node_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(NODE_GROUP))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    worker_output = getattr(session.config, "workeroutput", None)
+    if worker_output is not None:  # an xdist worker: its controller prints the summary
+        worker_output["cluster_starts"] = json.dumps(_STARTS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """An xdist worker ended: keep what its clusters spent starting."""
+    _STARTS.extend(json.loads(getattr(node, "workeroutput", {}).get("cluster_starts", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
