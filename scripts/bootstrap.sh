@@ -84,8 +84,11 @@ PYTHON
 }
 
 # DeepSpeed builds from source against the installed torch (no build isolation); its CPU
-# shared-memory op is compiled into it here, once (a minute or two), instead of at a CPU stage's
-# first step. --reinstall-package also keeps uv from reusing a cached build without the op.
+# shared-memory op is compiled into it here (a minute or two) instead of at a CPU stage's first
+# step. The build is not byte-for-byte repeatable, and the test cluster's trainer image keys its
+# venv layer (gigabytes) by the installed files' hashes, so the wheel is built once per DeepSpeed,
+# torch and Python, kept in the cache, and every venv (a fresh clone's too) installs that same
+# wheel. --reinstall-package keeps uv from reusing a DeepSpeed it installed without the op.
 # The op's build needs a C++ compiler and the interpreter's headers: installed when missing
 # (Debian/Ubuntu, as root), else a clear stop.
 build_tools() {
@@ -100,15 +103,32 @@ build_tools() {
   exit 1
 }
 
+# Where the wheel for the installed torch and Python lives (keyed by every input of the build).
+deepspeed_wheels() {
+  local key
+  key=$(.venv/bin/python -c 'import sys; from importlib.metadata import version
+print(f"torch{version(\"torch\")}-cp{sys.version_info[0]}{sys.version_info[1]}")')
+  echo "${XDG_CACHE_HOME:-$HOME/.cache}/ulmfit-operator/wheels/deepspeed-$(pinned deepspeed)-$key-cpu-shm"
+}
+
 uv_install torch setuptools wheel
 if ! deepspeed_ready; then
-  build_tools
-  echo "building DeepSpeed $(pinned deepspeed) with its CPU shared-memory op (1-2 minutes, once)"
-  deepspeed_start=$SECONDS
-  DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu \
-    uv_install --no-build-isolation --reinstall-package deepspeed deepspeed
+  wheels=$(deepspeed_wheels)
+  if ! compgen -G "$wheels/deepspeed-*.whl" >/dev/null; then
+    build_tools
+    echo "building DeepSpeed $(pinned deepspeed) with its CPU shared-memory op (1-2 minutes, once)"
+    deepspeed_start=$SECONDS
+    mkdir -p "$(dirname "$wheels")"
+    building=$(mktemp -d "$wheels.XXXXXX")
+    DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu \
+      .venv/bin/python -m pip wheel --quiet --disable-pip-version-check --no-deps \
+      --no-build-isolation "deepspeed==$(pinned deepspeed)" --wheel-dir "$building"
+    # Published whole or not at all; a concurrent build that got there first wins.
+    mv -T "$building" "$wheels" 2>/dev/null || rm -rf "$building"
+    echo "DeepSpeed and its op built in $((SECONDS - deepspeed_start))s"
+  fi
+  uv_install --reinstall-package deepspeed "$wheels"/deepspeed-*.whl
   deepspeed_ready || { echo "DeepSpeed was installed without its shared-memory op" >&2; exit 1; }
-  echo "DeepSpeed and its op built in $((SECONDS - deepspeed_start))s"
 fi
 uv_install -e ".[operator,trainer,test]"
 echo "environment ready: .venv ($(.venv/bin/python --version)), pinned by $LOCK"

@@ -133,7 +133,8 @@ with open(here / "calls.log", "a") as log:
     log.write("\\t".join(args + build) + "\\n")
 if args[:2] == ["pip", "compile"]:
     (here / "compile-input").write_text(sys.stdin.read())
-if "deepspeed" in args and "DS_BUILD_SHM_COMM=1" in build and "--no-build-isolation" in args:
+wheels = [a for a in args if pathlib.Path(a).name.startswith("deepspeed-") and a.endswith(".whl")]
+if wheels and "DS_BUILD_SHM_COMM=1" in pathlib.Path(wheels[0]).read_text():
     (here / "site" / "deepspeed" / "git_version_info_installed.py").write_text(
         "installed_ops={{'deepspeed_shm_comm': 1}}\\naccelerator_name='cpu'\\n"
         "torch_info={{'version': '{torch_minor}'}}\\n")
@@ -141,11 +142,19 @@ if "deepspeed" in args and "DS_BUILD_SHM_COMM=1" in build and "--no-build-isolat
 
 STAND_IN_PYTHON = """\
 #!/bin/sh
-# The venv's python for bootstrap.sh's tests: `-m pip` is logged, anything else runs the real
-# interpreter over the fake site (the DeepSpeed and torch that bootstrap.sh inspects).
+# The venv's python for bootstrap.sh's tests: `-m pip` is logged with the build variables
+# DeepSpeed reads, and `-m pip wheel ... --wheel-dir DIR` "builds" a wheel there that records
+# them; anything else runs the real interpreter over the fake site (the DeepSpeed and torch that
+# bootstrap.sh inspects).
 here=$(cd "$(dirname "$0")/../.." && pwd)
 if [ "$1" = -m ] && [ "$2" = pip ]; then
-  printf 'python\\t%s\\n' "$*" >> "$here/calls.log"
+  build="DS_BUILD_OPS=${{DS_BUILD_OPS-}} DS_BUILD_SHM_COMM=${{DS_BUILD_SHM_COMM-}}"
+  build="$build DS_ACCELERATOR=${{DS_ACCELERATOR-}}"
+  printf 'python\\t%s\\t%s\\n' "$*" "$build" >> "$here/calls.log"
+  if [ "$3" = wheel ]; then
+    while [ $# -gt 0 ] && [ "$1" != --wheel-dir ]; do shift; done
+    echo "$build" > "$2/deepspeed-0-cp311-cp311-linux_x86_64.whl"
+  fi
   exit 0
 fi
 PYTHONPATH="$here/site" exec {python} "$@"
@@ -167,9 +176,13 @@ def fake_site(site: Path, deepspeed: str, torch: str) -> None:
     )
 
 
-def run_bootstrap_with_stand_ins(tmp: Path, *args: str, lock: bool = True) -> Run:
-    """bootstrap.sh in a copy of the repository whose .venv holds stand-ins for python and uv."""
-    work = Path(tmp) / "repo"
+def run_bootstrap_with_stand_ins(
+    tmp: Path, *args: str, lock: bool = True, clone: str = "repo"
+) -> Run:
+    """bootstrap.sh in a copy of the repository whose .venv holds stand-ins for python and uv.
+
+    ``clone`` names the copy: another name is a fresh clone on the same machine (same cache)."""
+    work = Path(tmp) / clone
     if not work.exists():
         (work / "scripts").mkdir(parents=True)
         shutil.copy(BOOTSTRAP, work / "scripts")
@@ -215,17 +228,30 @@ def test_bootstrap_installs_everything_with_the_lock_and_builds_the_op_once(
         pairs = set(itertools.pairwise(call))
         assert ("--constraints", "requirements.lock") in pairs, call
         assert ("--build-constraints", "requirements.lock") in pairs, call
-    (deepspeed,) = [call for call in installs if "deepspeed" in call]
-    assert {"--no-build-isolation", "--reinstall-package"} <= set(deepspeed)
-    assert {"DS_BUILD_OPS=0", "DS_BUILD_SHM_COMM=1", "DS_ACCELERATOR=cpu"} <= set(deepspeed)
+    (built,) = [call for call in first.calls if call[0] == "python"]  # uv is the locked one
+    command = built[1].split()
+    assert command[:3] == ["-m", "pip", "wheel"], built
+    pinned = f"deepspeed=={lock_pins()['deepspeed'][0][0]}"
+    assert {"--no-deps", "--no-build-isolation", pinned} <= set(command), built
+    assert built[2].split() == ["DS_BUILD_OPS=0", "DS_BUILD_SHM_COMM=1", "DS_ACCELERATOR=cpu"]
+    (deepspeed,) = [call for call in installs if any("deepspeed" in arg for arg in call)]
+    assert "--reinstall-package" in deepspeed
+    [wheel] = [Path(arg) for arg in deepspeed if arg.endswith(".whl")]
+    assert wheel.is_relative_to(tmp_path / ".cache" / "ulmfit-operator" / "wheels"), wheel
+    assert first.calls.index(built) < first.calls.index(deepspeed)
     assert installs.index(deepspeed) == 1, "torch (what DeepSpeed builds against) goes first"
     assert "torch" in installs[0]
     assert "-e" in installs[-1] and ".[operator,trainer,test]" in installs[-1]
-    assert not [call for call in first.calls if call[0] == "python"], "uv is the locked one"
 
     again = run_bootstrap_with_stand_ins(tmp_path)
     assert again.done.returncode == 0, again.done.stderr
-    assert not [call for call in again.calls if "deepspeed" in call], "built once, not again"
+    assert not [call for call in again.calls if "deepspeed" in str(call)], "built once, not again"
+
+    # A fresh clone on the same machine installs the cached wheel: the same bytes, no build.
+    clone = run_bootstrap_with_stand_ins(tmp_path, clone="clone")
+    assert clone.done.returncode == 0, clone.done.stderr
+    assert not [call for call in clone.calls if call[0] == "python"], "no second build"
+    assert [call for call in clone.calls if str(wheel) in call], clone.calls
 
 
 def test_bootstrap_rebuilds_deepspeed_for_another_torch_and_stops_without_a_lock(
@@ -237,7 +263,7 @@ def test_bootstrap_rebuilds_deepspeed_for_another_torch_and_stops_without_a_lock
     record.write_text(text.replace("torch_info={'version': '", "torch_info={'version': '0"))
     rebuilt = run_bootstrap_with_stand_ins(tmp_path)
     assert rebuilt.done.returncode == 0, rebuilt.done.stderr
-    assert [call for call in rebuilt.calls if "deepspeed" in call], "an op for another torch"
+    assert [call for call in rebuilt.calls if "deepspeed" in str(call)], "an op for another torch"
 
     missing = run_bootstrap_with_stand_ins(tmp_path, lock=False)
     assert missing.done.returncode != 0 and "make lock" in missing.done.stderr
