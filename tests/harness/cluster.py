@@ -69,6 +69,7 @@ _STARTS: list[dict[str, float]] = []
 """What each cluster of this session spent starting (``NodeCluster.seconds``)."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``-n 2 --dist loadgroup``), the tests that use the one-node cluster all
     run in one worker, in file order: a machine has one such cluster (its bridge, its ports, its
