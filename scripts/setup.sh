@@ -33,7 +33,12 @@ start() {
 	shift
 	started[$name]=$SECONDS
 	echo "setup: $name started" >&2
-	("$@") >"$logs/$name.log" 2>&1 &
+	# The step records its own end: it may end long before the script waits for it.
+	(
+		if "$@"; then status=0; else status=$?; fi
+		echo $((SECONDS - started[$name])) >"$logs/$name.seconds"
+		exit "$status"
+	) >"$logs/$name.log" 2>&1 &
 	pids[$name]=$!
 }
 
@@ -43,7 +48,7 @@ finish() {
 	for name in "$@"; do
 		status=0
 		wait "${pids[$name]}" || status=$?
-		took[$name]=$((SECONDS - started[$name]))
+		took[$name]=$(cat "$logs/$name.seconds" 2>/dev/null || echo $((SECONDS - started[$name])))
 		if ((status == 0)); then
 			echo "setup: $name done in ${took[$name]}s" >&2
 		else
