@@ -893,6 +893,17 @@ def _record_paths(dist: metadata.Distribution) -> list[str]:
     return [line.rsplit(",", 2)[0] for line in record.splitlines() if line.strip()]
 
 
+def _installed_files_key(dist: metadata.Distribution) -> str:
+    """A hash of what ``venv_entries`` takes from ``dist``, wherever its venv is.
+
+    Its RECORD lists every file with its hash, but the console scripts in ``bin/`` (recorded as
+    ``../../../bin/...``) start with the venv's own path, which the layer rewrites: a fresh clone's
+    venv would otherwise miss the cache and rebuild gigabytes.
+    """
+    lines = (dist.read_text("RECORD") or "").splitlines()
+    return sha256_hex("\n".join(line for line in lines if not line.startswith("../")))
+
+
 def _is_bytecode(path: str) -> bool:
     return path.endswith((".pyc", ".pyo")) or "/__pycache__/" in f"/{path}"
 
@@ -1043,8 +1054,7 @@ def build_trainer(store: Store, base: Image, venv: Venv | None = None) -> Image:
             "base_python": base_python,
             "excluded": list(TRAINER_CUDA_ONLY_FILES),
             "distributions": [
-                [dist.metadata["Name"], dist.version, sha256_hex(dist.read_text("RECORD") or "")]
-                for dist in dists
+                [dist.metadata["Name"], dist.version, _installed_files_key(dist)] for dist in dists
             ],
         },
         dependencies,

@@ -10,6 +10,7 @@ module), so a rerun only imports them.
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -87,6 +88,31 @@ def store() -> images.Store:
 
 
 # --- the layer writer, without tools -------------------------------------------------------------
+
+
+def test_the_venv_layer_key_ignores_where_the_venv_is_but_not_what_it_holds(
+    tmp_path: Path,
+) -> None:
+    """Two clones' venvs differ only in their console scripts' shebangs (the layer rewrites them):
+    the same key. Another file in site-packages: another key."""
+
+    def dist_info(venv: str, module_hash: str) -> importlib.metadata.PathDistribution:
+        info = tmp_path / venv / "tool-1.0.dist-info"
+        info.mkdir(parents=True)
+        info.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: tool\nVersion: 1.0\n")
+        script_hash = images.sha256_hex(f"#!{tmp_path / venv}/bin/python\n")
+        info.joinpath("RECORD").write_text(
+            f"tool/__init__.py,sha256={module_hash},10\n"
+            f"../../../bin/tool,sha256={script_hash},40\n"
+            "tool-1.0.dist-info/RECORD,,\n"
+        )
+        return importlib.metadata.PathDistribution(info)
+
+    first, clone = dist_info("a", "AAA"), dist_info("b", "AAA")
+    changed = dist_info("c", "BBB")
+    assert first.read_text("RECORD") != clone.read_text("RECORD")
+    assert images._installed_files_key(first) == images._installed_files_key(clone)
+    assert images._installed_files_key(first) != images._installed_files_key(changed)
 
 
 def test_layers_are_the_same_bytes_for_the_same_files(tmp_path: Path) -> None:
