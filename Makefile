@@ -1,5 +1,5 @@
 # The two commands of the README: `make example` and `make test`. Both set up what they need.
-.PHONY: env example controlplane cluster-build cluster cluster-smoke lint test test-fast generate
+.PHONY: env example controlplane cluster-build cluster cluster-smoke lint lint-checks test test-fast generate
 
 VENV := .venv/bin
 
@@ -30,7 +30,10 @@ cluster: cluster-build
 cluster-smoke: cluster-build
 	$(VENV)/python -m tests.cluster smoke
 
-lint: env
+lint: env lint-checks
+
+# The checks alone, on an existing .venv (scripts/setup.sh --lint runs them beside the builds).
+lint-checks:
 	$(VENV)/ruff check operator trainer tests benchmarks scripts
 	$(VENV)/lint-imports
 	$(VENV)/mypy
@@ -40,7 +43,8 @@ lint: env
 # (tests/harness/cluster.py). --durations: the 30 slowest tests, to see where the time goes.
 PYTEST := $(VENV)/python -m pytest -n 2 --dist loadgroup --durations=30
 
-test: cluster-build lint
+test:
+	bash scripts/setup.sh --lint
 	$(PYTEST)
 
 test-fast: cluster-build

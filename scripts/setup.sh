@@ -2,7 +2,8 @@
 # Everything `make test` needs before its first test, with the independent steps overlapped, and
 # the wall time of each step printed as it ends and again as a table at the end.
 #
-#   bash scripts/setup.sh        (`make cluster-build`, and the set-up half of `make test`)
+#   bash scripts/setup.sh          (`make cluster-build`)
+#   bash scripts/setup.sh --lint   (the set-up half of `make test`: the linters too, `make lint`)
 #
 # The steps and what each waits for:
 #
@@ -12,6 +13,7 @@
 #   controllers     each controller in tests/cluster/controllers/build.sh            CPU
 #   base-image      the Debian base image (debootstrap)               node-packages; network
 #   images          pause, init, trainer, operator          base-image, python-env; disk
+#   lint            ruff, import-linter, mypy (with --lint)                python-env; CPU
 #
 # The Go builds take most of the CPU; the package downloads, debootstrap and the image layers
 # mostly wait on the network and the disk, so they run beside them. Each step is cached by its own
@@ -22,6 +24,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+lint=false
+case ${1:-} in
+--lint) lint=true ;;
+"") ;;
+*) echo "usage: bash scripts/setup.sh [--lint]" >&2; exit 2 ;;
+esac
 logs=${ULMFIT_SETUP_LOGS:-$(mktemp -d -t ulmfit-setup.XXXXXX)}
 mkdir -p "$logs"
 start_all=$SECONDS
@@ -62,7 +70,7 @@ finish() {
 summary() {
 	local name
 	echo "setup: wall time per step (logs in $logs)" >&2
-	for name in node-packages python-env kubernetes controllers base-image images; do
+	for name in node-packages python-env kubernetes controllers base-image images lint; do
 		[[ -n ${took[$name]:-} ]] || continue
 		printf 'setup: | %-14s | %5ss |%s\n' "$name" "${took[$name]}" \
 			"${failed[$name]:+ failed}" >&2
@@ -89,6 +97,9 @@ if [[ -z ${failed[node-packages]:-} ]]; then
 	start base-image python3 -m tests.cluster.images build base
 fi
 finish python-env
+if $lint && [[ -z ${failed[python-env]:-} ]]; then
+	start lint make --no-print-directory lint-checks
+fi
 if [[ -n ${pids[base-image]:-} ]]; then
 	finish base-image
 fi
@@ -98,5 +109,8 @@ if [[ -z ${failed[python-env]:-} && -z ${failed[node-packages]:-} && -z ${failed
 	finish images
 fi
 finish kubernetes controllers
+if [[ -n ${pids[lint]:-} ]]; then
+	finish lint
+fi
 summary
 ((${#failed[@]} == 0))
