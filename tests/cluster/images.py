@@ -93,7 +93,7 @@ PYTHON_LABEL = "io.ulmfit-operator.test.python"  # the base image's Python versi
 MTIME = 946684800  # 2000-01-01T00:00:00Z: the mtime of every file in every layer written here
 CREATED = "2000-01-01T00:00:00Z"
 # Part of every cache key: bump it when the bytes a builder writes change for the same inputs.
-FORMAT = "1"
+FORMAT = "2"
 
 LAYER = "application/vnd.oci.image.layer.v1.tar"
 CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -919,7 +919,8 @@ def venv_entries(
     """
     entries = []
     site = venv.site_packages
-    venv_prefix = str(venv.root)
+    # A shebang names the venv as it was created: through a symlink, or by its real path.
+    venv_prefixes = {f"#!{root}/".encode() for root in (venv.root, venv.root.resolve())}
     for dist in dists:
         for recorded in _record_paths(dist):
             path = os.path.normpath(site / recorded)
@@ -939,8 +940,14 @@ def venv_entries(
             if rel.startswith("bin/"):
                 data = Path(path).read_bytes()
                 first, newline, rest = data.partition(b"\n")
-                if first.startswith(b"#!") and venv_prefix.encode() in first:
+                if first.startswith(tuple(venv_prefixes)):
                     data = f"#!{VENV}/bin/python".encode() + newline + rest
+                elif b"/bin/python" in first and not first.startswith((b"#!/usr/", b"#!/bin/")):
+                    # Another venv's Python: a host path the image does not have.
+                    raise BuildError(
+                        f"{path} starts with {first.decode(errors='replace')!r}, not with the venv "
+                        f"{venv.root}: it would not run in the image; recreate the venv (make env)"
+                    )
                 entries.append(Entry(target, mode=mode, data=data))
             else:
                 entries.append(Entry(target, mode=mode, source=Path(path)))

@@ -115,6 +115,32 @@ def test_the_venv_layer_key_ignores_where_the_venv_is_but_not_what_it_holds(
     assert images._installed_files_key(first) != images._installed_files_key(changed)
 
 
+def test_console_scripts_run_the_image_venv_python_whatever_path_made_them(
+    tmp_path: Path,
+) -> None:
+    """A venv reached through a symlink wrote its real path into the shebangs: both forms become
+    the image's venv, and a shebang naming another venv's Python stops the build."""
+    real = tmp_path / "real-venv"
+    site = real / "lib" / "python3.11" / "site-packages"
+    info = site / "tool-1.0.dist-info"
+    info.mkdir(parents=True)
+    (real / "pyvenv.cfg").write_text("version = 3.11.7\n")
+    (real / "bin").mkdir()
+    (tmp_path / "link").symlink_to(real)
+    scripts = {"tool": f"#!{real}/bin/python\nmain()\n", "other": "#!/srv/venv/bin/python\nx()\n"}
+    for name, text in scripts.items():
+        (real / "bin" / name).write_text(text)
+    info.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: tool\nVersion: 1.0\n")
+    info.joinpath("RECORD").write_text("../../../bin/tool,,\n")
+    dist = importlib.metadata.PathDistribution(info)
+    [entry] = images.venv_entries(images.Venv(tmp_path / "link"), [dist])
+    assert (entry.path, entry.data) == ("opt/venv/bin/tool", b"#!/opt/venv/bin/python\nmain()\n")
+
+    info.joinpath("RECORD").write_text("../../../bin/other,,\n")
+    with pytest.raises(images.BuildError, match="would not run in the image"):
+        images.venv_entries(images.Venv(tmp_path / "link"), [dist])
+
+
 def test_layers_are_the_same_bytes_for_the_same_files(tmp_path: Path) -> None:
     store = images.Store(tmp_path / "store")
     tree = tmp_path / "tree"
