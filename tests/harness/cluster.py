@@ -18,6 +18,7 @@ Starting the cluster needs root (containerd, a bridge, iptables) and the binarie
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -112,9 +113,21 @@ def node_cluster() -> Iterator[object]:
     parts.require(shutil.which("containerd") is not None, "containerd", BUILD_HINT)
     directory = controlplane_dir()
     assert directory is not None
+    # One cluster per machine: a second (another pytest, or an xdist worker running a test that
+    # reached the cluster outside its group) would take over the first one's bridge.
+    lock = (cache_dir().parents[1] / "node-cluster.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        pytest.fail(
+            f"another process runs the one-node cluster ({network.BRIDGE}); under xdist every "
+            f"test that uses it must be in the {NODE_GROUP!r} group",
+            pytrace=False,
+        )
     workdir = Path(tempfile.mkdtemp(prefix="ulmfit-cluster-"))
     cluster = NodeCluster(binaries=directory, workdir=workdir, controllers=controller_dirs())
-    with cluster:
+    with lock, cluster:
         _STARTS.append(cluster.seconds)
         yield cluster
     if not os.environ.get("ULMFIT_KEEP_CLUSTER"):
