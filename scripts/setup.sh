@@ -81,20 +81,16 @@ summary() {
 		sed 's/^/setup:   /' >&2 || true
 }
 
-controllers() {
-	# One go command at a time here: the Kubernetes build beside it already fills both cores.
-	bash tests/cluster/controllers/build.sh
-}
-
 start node-packages bash scripts/install-node-packages.sh
 start python-env bash scripts/bootstrap.sh
 start kubernetes bash tests/controlplane/build.sh
-start controllers controllers
+# The controllers one after another: the Kubernetes build beside them already fills both cores.
+start controllers bash tests/cluster/controllers/build.sh
 
 finish node-packages
 if [[ -z ${failed[node-packages]:-} ]]; then
-	# Only the standard library: it runs before .venv exists.
-	start base-image python3 -m tests.cluster.images build base
+	# Only the standard library: it runs before .venv exists, with bootstrap.sh's interpreter.
+	start base-image "${PYTHON:-python3}" -m tests.cluster.images build base
 fi
 finish python-env
 if $lint && [[ -z ${failed[python-env]:-} ]]; then
