@@ -74,7 +74,7 @@ TRAINER_EXCLUDED = frozenset({"triton"})
 # `import torch, deepspeed, transformers, ray.tune` and a CPU backward step map none of them:
 # cuDNN's engine libraries (torch links only libcudnn.so.9, which loads them on first use), the
 # multi-GPU solver, NVSHMEM's device code and network transports, the profiler's host libraries,
-# static archives and C headers (no compiler is in the image to use them). 1.2 GB of the 5.6 GB
+# static archives and C headers (no compiler is in the image to use them). 1.1 GB of the 5.8 GB
 # image; tests/integration/test_cluster_images.py runs the trainer stack and a stage in the image.
 TRAINER_CUDA_ONLY_FILES = (
     "nvidia/cudnn/lib/libcudnn_*",
