@@ -50,9 +50,10 @@ test:
 test-fast: cluster-build
 	$(PYTEST) -m "not slow"
 
-# Regenerate everything derived from api.py: the CRD (also copied into the chart) and the README
-# reference. Tests fail when these drift.
+# Regenerate everything derived from api.py: the CRD (also copied into the chart), the TrainJobs'
+# ClusterTrainingRuntime (likewise) and the README reference. Tests fail when these drift.
 generate: env
 	$(VENV)/ulmfit crd > manifests/crd/ulmfit.io_ulmfitjobs.yaml
+	$(VENV)/ulmfit training-runtime > manifests/trainer/cluster-training-runtime.yaml
 	$(VENV)/python scripts/sync_chart.py
 	$(VENV)/python scripts/sync_readme.py

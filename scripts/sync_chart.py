@@ -1,8 +1,10 @@
 """Copy the generated CRD and the RBAC rules from `manifests/` into the Helm chart.
 
-`manifests/` is the one source: the CRD (`ulmfit crd`) and the operator's RBAC rules. The chart
-installs the same CRD from `crds/` (a byte-for-byte copy) and renders its ClusterRole/Role rules
-from `files/rbac/*.yaml` (the `rules:` lists of the manifests, re-serialized).
+`manifests/` is the one source: the CRD (`ulmfit crd`), the ClusterTrainingRuntime of TrainJobs
+(`ulmfit training-runtime`) and the operator's RBAC rules. The chart installs the same CRD from
+`crds/` (a byte-for-byte copy), renders the runtime from `files/training-runtime.yaml` (another)
+and its ClusterRole/Role rules from `files/rbac/*.yaml` (the `rules:` lists of the manifests,
+re-serialized).
 
     python scripts/sync_chart.py           # write the chart's copies
     python scripts/sync_chart.py --check   # exit 1, naming the stale files, when they differ
@@ -54,6 +56,8 @@ def expected_files() -> dict[Path, bytes]:
     files: dict[Path, bytes] = {}
     for crd in sorted((MANIFESTS / "crd").glob("*.yaml")):
         files[CHART / "crds" / crd.name] = crd.read_bytes()
+    runtime = MANIFESTS / "trainer" / "cluster-training-runtime.yaml"
+    files[CHART / "files" / "training-runtime.yaml"] = runtime.read_bytes()
     for target, (source, kind) in RULE_SOURCES.items():
         files[CHART / target] = rules_file(source, rules_of(MANIFESTS / source, kind)).encode()
     return files

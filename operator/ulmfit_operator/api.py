@@ -44,6 +44,17 @@ SHORT_NAMES = ["ulmfit", "uj"]
 DEFAULT_TRAINER_IMAGE = "ghcr.io/ulmfit-operator/trainer:0.1.0"
 
 
+class TrainingBackend(StrEnum):
+    """The kind of child a distributed stage runs as."""
+
+    AUTO = "auto"
+    """TrainJob where the cluster serves it, else PyTorchJob."""
+    TRAINJOB = "trainjob"
+    """Kubeflow Trainer v2: `trainer.kubeflow.org/v1alpha1` TrainJob (runs as a JobSet)."""
+    PYTORCHJOB = "pytorchjob"
+    """The Kubeflow Training Operator v1: `kubeflow.org/v1` PyTorchJob."""
+
+
 class SchedulingPolicy(WireModel):
     """Gang scheduling of a distributed stage (the PyTorchJob's `runPolicy.schedulingPolicy`,
     read by the Training Operator when it runs with a gang scheduler: Volcano or the
@@ -91,6 +102,11 @@ class ResourcesSpec(WireModel):
     pod_template: PodTemplateOverrides | None = None
     """Labels, annotations, tolerations, affinity, priority, scheduler, ServiceAccount, image pull
     secrets, volumes and env added to every pod of the job (see `PodTemplateOverrides`)."""
+    training_backend: TrainingBackend | None = None
+    """What the distributed stages run as: `trainjob` (Kubeflow Trainer v2 TrainJob),
+    `pytorchjob` (Kubeflow Training Operator v1 PyTorchJob) or `auto` (TrainJob where the cluster
+    serves it, else PyTorchJob). Default: the operator's `--training-backend` (itself `auto`
+    unless set). A backend whose CRD the cluster does not serve fails the job (InvalidSpec)."""
 
     @model_validator(mode="after")
     def _processes_fit_gpus(self) -> ResourcesSpec:

@@ -147,6 +147,25 @@ def crd() -> None:
     sys.stdout.write(render_crd_yaml())
 
 
+@app.command("training-runtime")
+def training_runtime_command() -> None:
+    """Print the ClusterTrainingRuntime TrainJobs run on (YAML; Kubeflow Trainer v2): apply it
+    where Trainer is installed, as the chart does."""
+    import yaml
+
+    from ulmfit_operator.children import DEFAULT_TRAINING_RUNTIME, training_runtime
+
+    header = (
+        "# Generated from operator/ulmfit_operator/children/trainjob.py; do not edit. "
+        "Regenerate: make generate\n"
+        "# Apply where Kubeflow Trainer v2 is installed: kubectl apply --server-side -f FILE\n"
+    )
+    body = yaml.safe_dump(
+        training_runtime(DEFAULT_TRAINING_RUNTIME), sort_keys=False, default_flow_style=False
+    )
+    sys.stdout.write(header + "---\n" + body)
+
+
 def start_operator(settings: OperatorSettings) -> None:
     """Run the controller (kopf and the Kubernetes client load only here)."""
     from ulmfit_operator.handlers import run_operator

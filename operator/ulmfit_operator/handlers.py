@@ -33,6 +33,9 @@ from ulmfit_operator.children import (
     RAYJOB_API_VERSION,
     RAYJOB_KIND,
     RAYJOB_PLURAL,
+    TRAINJOB_API_VERSION,
+    TRAINJOB_KIND,
+    TRAINJOB_PLURAL,
 )
 from ulmfit_operator.metrics import OperatorMetrics
 from ulmfit_operator.policy import ANY
@@ -63,6 +66,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         settings.watching.label_selectors["kubeflow.org", PYTORCHJOB_PLURAL] = LABEL_JOB
         settings.watching.label_selectors["batch", "jobs"] = LABEL_JOB
         settings.watching.label_selectors["ray.io", RAYJOB_PLURAL] = LABEL_JOB
+        settings.watching.label_selectors["trainer.kubeflow.org", TRAINJOB_PLURAL] = LABEL_JOB
         controller.prime_children()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
@@ -81,7 +85,19 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     async def batch_job_event(event: Mapping[str, Any], **_: Any) -> None:
         controller.child_event(event.get("type"), _with_kind(event, "Job", "batch/v1"))
 
-    # Watched only where KubeRay's CRD is installed when the operator starts.
+    # These three are watched only where their CRD is installed when the operator starts.
+    @kopf.on.event(
+        "trainer.kubeflow.org",
+        "v1alpha1",
+        TRAINJOB_PLURAL,
+        registry=registry,
+        labels={LABEL_JOB: kopf.PRESENT},
+    )
+    async def trainjob_event(event: Mapping[str, Any], **_: Any) -> None:
+        controller.child_event(
+            event.get("type"), _with_kind(event, TRAINJOB_KIND, TRAINJOB_API_VERSION)
+        )
+
     @kopf.on.event(
         "ray.io", "v1", RAYJOB_PLURAL, registry=registry, labels={LABEL_JOB: kopf.PRESENT}
     )
@@ -134,6 +150,11 @@ async def _main(settings: OperatorSettings) -> None:
 
         def started() -> None:
             metrics.leader.set(1)
+            # A CRD uninstalled while another replica led is no longer used.
+            try:
+                controller.discover()
+            except Exception:  # the API away: keep what was found before, and lead anyway
+                log.exception("could not check which workload APIs are served")
             controller.requeue_all()
 
         def lost() -> None:

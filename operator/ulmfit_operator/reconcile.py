@@ -1,10 +1,12 @@
 """Pure: what the operator should do about one ULMFiTJob, given what it observes.
 
-`reconcile(job, children, observation, now, rayjob_available=..., policy=...)` reads the job
-object (spec, metadata, the status cache), the children found in the cluster, what the store says
-(final checkpoints and `progress.json` per stage) and what the operator's settings allow a job
-(`JobPolicy`: S3 endpoints, trainer images), and returns a `Decision`: children to create, stop
-or delete, the new status (None when nothing changed) and events. No I/O happens here; when it
+`reconcile(job, children, observation, now, cluster=..., policy=...)` reads the job object
+(spec, metadata, the status cache), the children found in the cluster, what the store says
+(final checkpoints and `progress.json` per stage), the workload APIs the cluster serves
+(`Cluster`: TrainJob, PyTorchJob, RayJob, and the default training backend) and what the
+operator's settings allow a job (`JobPolicy`: S3 endpoints, trainer images), and returns a
+`Decision`: children to create, stop or delete, the new status (None when nothing changed) and
+events. No I/O happens here; when it
 needs a store fact it has not been given, it returns `NeedStore(stage, what)` and the caller
 reads it and asks again (so the store is read only as far as the decision needs); likewise
 `NeedPods` for why an attempt's pods have not started, asked only once its deadline passed.
@@ -16,7 +18,8 @@ The fixed order, as in Kubeflow's controllers:
 3. a finished job only waits for its TTL (then it is deleted);
    then the policy: a job whose store endpoint or trainer image the operator does not allow is
    an `InvalidSpec` too, before the store is read or any child is created (checked after 3, so
-   a job that finished under an earlier policy keeps its outcome);
+   a job that finished under an earlier policy keeps its outcome); so is one whose training
+   backend the cluster does not serve, or that asks a TrainJob for what it cannot express;
 4. walk the plan (a DAG): a stage is done once the store holds its final checkpoint under this
    job instance's run path (`<namespace>/<name>/<uid>`: a job re-created under the same name
    sees none of the earlier one's); the ready stages are those not done whose dependencies all are
@@ -49,7 +52,7 @@ Some 650 lines on purpose: the steps above are one method each of `_Job` (1-3) a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from ulmfit_trainer.config import S3Settings, StageName, TuneBackend
@@ -59,6 +62,7 @@ from ulmfit_trainer.records import StageProgress, parse_evaluation
 from ulmfit_operator.api import (
     Metadata,
     StageState,
+    TrainingBackend,
     ULMFiTJob,
     ULMFiTJobSpec,
     parse_spec,
@@ -70,16 +74,21 @@ from ulmfit_operator.children import (
     LABEL_ATTEMPT,
     LABEL_JOB,
     LABEL_STAGE,
+    PYTORCHJOB_KIND,
     RAYJOB_CRD,
     RAYJOB_KIND,
+    TRAINJOB_KIND,
     Attempt,
     Child,
     ChildPhase,
+    Cluster,
     Owner,
     child_workload,
     dashboard_service,
     network_policy,
     stage_config_map,
+    training_backend,
+    trainjob_unsupported,
     tune_backend,
 )
 from ulmfit_operator.decisions import (
@@ -135,6 +144,9 @@ STOPPED_PENDING = "PendingDeadlineExceeded"
 LM_STAGES = (StageName.PRETRAIN, StageName.FINETUNE)
 """Listed in status.stages even when disabled (as Skipped), ahead of the planned stages."""
 
+DEFAULT_CLUSTER = Cluster()
+"""PyTorchJobs served, no TrainJobs or RayJobs, backend `auto`."""
+
 Answer = Decision | NeedStore | NeedPods
 """A decision, or a fact reconcile needs first (read it, add it to the observation, ask again)."""
 _Step = Callable[[], Answer | None]
@@ -146,14 +158,15 @@ def reconcile(
     observation: Observation,
     now: datetime,
     *,
-    rayjob_available: bool = False,
+    cluster: Cluster = DEFAULT_CLUSTER,
     policy: JobPolicy = UNBOUNDED,
 ) -> Answer:
     """Decide; see the module docstring for the order of the steps.
 
-    `rayjob_available`: the RayJob CRD is installed (a tune stage with backend `auto` then runs
-    as a KubeRay RayJob). `policy`: the S3 endpoints and trainer images a job may name (the
-    default bounds neither; the operator passes its settings')."""
+    `cluster`: the workload APIs served (a distributed stage on backend `auto` runs as a TrainJob
+    where Kubeflow Trainer v2 is installed, a tune stage on `auto` as a RayJob where KubeRay is)
+    and the operator's default training backend. `policy`: the S3 endpoints and trainer images a
+    job may name (the default bounds neither; the operator passes its settings')."""
     # 1. a job being deleted is left alone
     if (job.get("metadata") or {}).get("deletionTimestamp"):
         return Decision(state="Deleting")
@@ -168,10 +181,21 @@ def reconcile(
         return seen.after_finish(spec.run_policy.ttl_seconds_after_finished)
     # the policy, before the store is read or a child created
     problems = policy.problems(s3, spec.resources.image)
+    distributed = [c for c in seen.children if c.kind in (TRAINJOB_KIND, PYTORCHJOB_KIND)]
+    started_on = max(distributed, key=_created).kind if distributed else None
+    training, missing = training_backend(spec.resources.training_backend, cluster, started_on)
+    if missing is not None:
+        problems.append(missing)
+    elif training == TrainingBackend.TRAINJOB:
+        problems.extend(trainjob_unsupported(spec))
     if problems:
         return seen.invalid(InvalidSpec(problems))
     # 4. to 10.
-    return _Context(seen, spec, s3, observation, rayjob_available, policy.pod_network).run()
+    return _Context(seen, spec, s3, observation, cluster, training, policy.pod_network).run()
+
+
+def _created(child: Child) -> datetime:
+    return child.created or datetime.min.replace(tzinfo=UTC)
 
 
 def _validated(raw_spec: Mapping[str, Any]) -> tuple[ULMFiTJobSpec, S3Settings]:
@@ -314,7 +338,8 @@ class _Context:
         spec: ULMFiTJobSpec,
         s3: S3Settings,
         observation: Observation,
-        rayjob_available: bool,
+        cluster: Cluster,
+        training: TrainingBackend,
         network: PodNetwork | None,
     ):
         self.job = job
@@ -322,7 +347,9 @@ class _Context:
         self.policy = spec.run_policy
         self.s3 = s3
         self.observation = observation
-        self.rayjob_available = rayjob_available
+        self.cluster = cluster
+        self.training = training
+        """What the distributed stages run as (resolved: never `auto`)."""
         self.network = network
         """The NetworkPolicy each attempt makes sure of (None: the operator fences no pods)."""
         self.queue = queue_name(spec, job.labels)
@@ -637,8 +664,8 @@ class _Context:
         """Create the stage's next attempt (and a tune stage's dashboard Service)."""
         backend = TuneBackend.POD
         if stage.kind == StageName.TUNE:
-            backend = tune_backend(stage, self.rayjob_available)
-        if backend == TuneBackend.RAYJOB and not self.rayjob_available:
+            backend = tune_backend(stage, self.cluster.rayjob)
+        if backend == TuneBackend.RAYJOB and not self.cluster.rayjob:
             return self.fail(
                 {stage.name},
                 "RayJobUnavailable",
@@ -649,7 +676,15 @@ class _Context:
         run.attempt += 1
         source = self.done.get(stage.init_from) if stage.init_from else None
         init = source.uri if source is not None else None
-        body = child_workload(Attempt(self.job.owner, stage, self.spec, run.attempt, init), backend)
+        attempt = Attempt(
+            self.job.owner,
+            stage,
+            self.spec,
+            run.attempt,
+            init,
+            training_runtime=self.cluster.training_runtime,
+        )
+        body = child_workload(attempt, backend, self.training)
         run.child = body["metadata"]["name"]
         config_map = stage_config_map(self.job.owner, run.child, stage, run.attempt)
         if self.network is not None and not self.job.children:

@@ -28,7 +28,8 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ulmfit_operator.api import DEFAULT_TRAINER_IMAGE
+from ulmfit_operator.api import DEFAULT_TRAINER_IMAGE, TrainingBackend
+from ulmfit_operator.children.common import DEFAULT_TRAINING_RUNTIME
 from ulmfit_operator.policy import (
     ANY,
     JobPolicy,
@@ -147,6 +148,20 @@ class OperatorSettings(BaseModel):
         description="Labels (key=value, comma-separated) of the KubeRay operator's pods, in any "
         "namespace: they may reach a RayJob head's dashboard port (8265) to follow the sweep. "
         "Empty: no pod outside the job may.",
+    )
+    training_backend: TrainingBackend = Field(
+        default=TrainingBackend.AUTO,
+        description="What the distributed stages of a job without spec.resources."
+        "trainingBackend run as: trainjob (Kubeflow Trainer v2), pytorchjob (Kubeflow Training "
+        "Operator v1) or auto: TrainJob where the API server serves trainjobs.trainer."
+        "kubeflow.org, else PyTorchJob (discovery at start-up and when leadership is taken).",
+    )
+    training_runtime: str = Field(
+        default=DEFAULT_TRAINING_RUNTIME,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="The ClusterTrainingRuntime every TrainJob names (the chart installs it).",
     )
 
     @field_validator("namespace", "lease_namespace", "identity", mode="before")

@@ -358,7 +358,7 @@ def test_operator_spec_is_immutable_but_run_policy_is_not(
 
 
 def test_operator_marks_a_job_it_cannot_run_invalid(
-    shared_operator: OperatorProcess, admin: Kube, jobs_namespace: str
+    shared_operator: OperatorProcess, admin: Kube, jobs_namespace: str, s3_server: SeaweedS3
 ) -> None:
     ns = jobs_namespace
     create_job(admin, ns, "no-store", {"runPolicy": {"ttlSecondsAfterFinished": 300}})
@@ -368,14 +368,20 @@ def test_operator_marks_a_job_it_cannot_run_invalid(
         "bad-endpoint",
         {"storage": {"s3": {"endpoint": "ftp://store", "bucket": "ulmfit"}}},
     )
+    # This API server serves PyTorchJobs only: no Kubeflow Trainer v2.
+    wants = job_spec(s3_server, "ulmfit", resources={"trainingBackend": "trainjob"})
+    create_job(admin, ns, "wants-trainjob", wants)
     for name, field in (
         ("no-store", "spec.storage.s3"),
         ("bad-endpoint", "spec.storage.s3.endpoint"),
+        ("wants-trainjob", "spec.resources.trainingBackend"),
     ):
         job = wait_job(admin, ns, name, lambda j: is_true(j, "Failed"), "Failed")
         failed = condition(job, "Failed")
         assert failed is not None and failed["reason"] == "InvalidSpec"
         assert field in failed["message"]
+        if name == "wants-trainjob":
+            assert "trainjobs.trainer.kubeflow.org" in failed["message"], failed
         warnings = wait_for(
             lambda n=name: [e for e in events(admin, ns, n) if e["type"] == "Warning"],
             10,

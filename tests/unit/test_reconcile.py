@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from ulmfit_operator.children import Child, ChildPhase
+from ulmfit_operator.children import Child, ChildPhase, Cluster
 from ulmfit_operator.policy import JobPolicy
 from ulmfit_operator.reconcile import (
     CreateObject,
@@ -142,9 +142,10 @@ class Store:
         now: datetime = NOW,
         rayjob_available: bool = False,
         policy: JobPolicy | None = None,
+        cluster: Cluster | None = None,
     ) -> Decision:
         observation = Observation()
-        options: dict[str, Any] = {"rayjob_available": rayjob_available}
+        options: dict[str, Any] = {"cluster": cluster or Cluster(rayjob=rayjob_available)}
         if policy is not None:
             options["policy"] = policy
         for _ in range(40):

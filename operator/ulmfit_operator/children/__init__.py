@@ -1,7 +1,8 @@
 """Pure: the child objects of a ULMFiTJob, and how to read them back, one module per kind.
 
-Each attempt of a stage is one child: a Kubeflow `PyTorchJob` (Master + Workers running torchrun)
-for a distributed stage (LM stages, each co-trained model, the classifier), a `batch/v1` Job for
+Each attempt of a stage is one child: for a distributed stage (LM stages, each co-trained model,
+the classifier) a Kubeflow Trainer v2 `TrainJob` or a Kubeflow v1 `PyTorchJob` (its training
+backend, `training_backend`; pods running torchrun either way), a `batch/v1` Job for
 the single-process `evaluate`, and for `tune` either a Job whose one pod runs a Ray head (backend
 `pod`) or a KubeRay `RayJob` (backend `rayjob`). Its stage config (the plan's `StageConfig` as
 JSON) lives in an owned ConfigMap mounted at `/etc/ulmfit`. Names are deterministic,
@@ -14,8 +15,9 @@ workload created suspended with Kueue's queue label, for Kueue to admit.
 - `common`: what every kind shares: labels and annotations, the names of everything a job owns,
   `Owner`, `Attempt` (the pod and container templates, env), the stage's ConfigMap, the Ray
   dashboard's port, and `Child`, an observed child of any kind, with `read_child`.
-- `pytorchjob`, `batch`, `rayjob`: one module per workload kind, each with its builder and its
-  `observe` (its status read as a `ChildPhase`); a PyTorchJob also suspends its own way.
+- `trainjob`, `pytorchjob`, `batch`, `rayjob`: one module per workload kind, each with its
+  builder and its `observe` (its status read as a `ChildPhase`); a PyTorchJob also suspends its
+  own way.
 - `service` (the Ray dashboard's Service) and `fence` (the NetworkPolicy): built, never read back.
 
 `KINDS` maps each workload kind to its builder, its `observe` and the spec that suspends it:
@@ -33,15 +35,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ulmfit_trainer.config import StageName, TuneBackend
 
-from ulmfit_operator.children import batch, pytorchjob, rayjob
+from ulmfit_operator.api import TrainingBackend
+from ulmfit_operator.children import batch, pytorchjob, rayjob, trainjob
 from ulmfit_operator.children.batch import JOB_API_VERSION, JOB_KIND
 from ulmfit_operator.children.common import (
     ANNOTATION_STOPPED,
     CONFIGMAP_KIND,
     DASHBOARD_PORT,
+    DEFAULT_TRAINING_RUNTIME,
     LABEL_ATTEMPT,
     LABEL_JOB,
     LABEL_STAGE,
@@ -63,6 +68,7 @@ from ulmfit_operator.children.fence import (
 )
 from ulmfit_operator.children.pytorchjob import (
     PYTORCHJOB_API_VERSION,
+    PYTORCHJOB_CRD,
     PYTORCHJOB_KIND,
     PYTORCHJOB_PLURAL,
 )
@@ -73,11 +79,20 @@ from ulmfit_operator.children.rayjob import (
     RAYJOB_PLURAL,
 )
 from ulmfit_operator.children.service import SERVICE_KIND, dashboard_service
+from ulmfit_operator.children.trainjob import (
+    TRAINJOB_API_VERSION,
+    TRAINJOB_CRD,
+    TRAINJOB_KIND,
+    TRAINJOB_PLURAL,
+    training_runtime,
+)
+from ulmfit_operator.children.trainjob import unsupported as trainjob_unsupported
 from ulmfit_operator.plan import PlannedStage
 
 __all__ = [
     "CONFIGMAP_KIND",
     "DASHBOARD_PORT",
+    "DEFAULT_TRAINING_RUNTIME",
     "JOB_API_VERSION",
     "JOB_KIND",
     "KINDS",
@@ -86,7 +101,9 @@ __all__ = [
     "LABEL_STAGE",
     "NETWORKPOLICY_API_VERSION",
     "NETWORKPOLICY_KIND",
+    "OPTIONAL_KINDS",
     "PYTORCHJOB_API_VERSION",
+    "PYTORCHJOB_CRD",
     "PYTORCHJOB_KIND",
     "PYTORCHJOB_PLURAL",
     "RAYJOB_API_VERSION",
@@ -94,11 +111,16 @@ __all__ = [
     "RAYJOB_KIND",
     "RAYJOB_PLURAL",
     "SERVICE_KIND",
+    "TRAINJOB_API_VERSION",
+    "TRAINJOB_CRD",
+    "TRAINJOB_KIND",
+    "TRAINJOB_PLURAL",
     "Attempt",
     "Child",
     "ChildKind",
     "ChildPhase",
     "ChildRef",
+    "Cluster",
     "Owner",
     "child_workload",
     "dashboard_address",
@@ -108,6 +130,9 @@ __all__ = [
     "observe_child",
     "stage_config_map",
     "stop_patch",
+    "training_backend",
+    "training_runtime",
+    "trainjob_unsupported",
     "tune_backend",
     "workload_kind",
 ]
@@ -126,11 +151,74 @@ class ChildKind:
 
 
 KINDS: Mapping[str, ChildKind] = {
+    TRAINJOB_KIND: ChildKind(trainjob.train_job, trainjob.observe, trainjob.suspend_spec),
     PYTORCHJOB_KIND: ChildKind(pytorchjob.pytorch_job, pytorchjob.observe, pytorchjob.suspend_spec),
     JOB_KIND: ChildKind(batch.stage_job, batch.observe, suspend_spec),
     RAYJOB_KIND: ChildKind(rayjob.tune_rayjob, rayjob.observe, suspend_spec),
 }
 """The workload kinds the operator creates and watches, by `kind`."""
+
+OPTIONAL_KINDS: Mapping[str, tuple[str, str]] = {
+    TRAINJOB_KIND: (TRAINJOB_API_VERSION, TRAINJOB_PLURAL),
+    PYTORCHJOB_KIND: (PYTORCHJOB_API_VERSION, PYTORCHJOB_PLURAL),
+    RAYJOB_KIND: (RAYJOB_API_VERSION, RAYJOB_PLURAL),
+}
+"""The kinds of `KINDS` a cluster may lack (each comes with its controller's CRD):
+kind -> (apiVersion, plural). The operator finds at start-up which are served and watches those."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The workload APIs the operator found served (discovery, at start-up and again when it is
+    refreshed, never per reconcile), and its default training backend."""
+
+    pytorchjob: bool = True
+    trainjob: bool = False
+    rayjob: bool = False
+    training_backend: TrainingBackend = TrainingBackend.AUTO
+    """The operator's `--training-backend`: what a job without `resources.trainingBackend` gets."""
+    training_runtime: str = DEFAULT_TRAINING_RUNTIME
+    """The ClusterTrainingRuntime TrainJobs name (`--training-runtime`)."""
+
+
+def training_backend(
+    wanted: TrainingBackend | None, cluster: Cluster, started_on: str | None = None
+) -> tuple[TrainingBackend, tuple[str, Any, str] | None]:
+    """The backend the distributed stages run on: `wanted` (a job's `resources.trainingBackend`)
+    or else the operator's default; `auto` is TrainJob where it is served, else PyTorchJob, but
+    a job keeps the kind its distributed stages started on (`started_on`, the kind of its
+    newest such child) while that is served. With it, the problem (field, value, why) when the
+    cluster does not serve its CRD, else None."""
+    field = "spec.resources.trainingBackend" if wanted is not None else "--training-backend"
+    backend = wanted if wanted is not None else cluster.training_backend
+    if backend == TrainingBackend.AUTO:
+        backend = TrainingBackend.TRAINJOB if cluster.trainjob else TrainingBackend.PYTORCHJOB
+        if started_on == TRAINJOB_KIND and cluster.trainjob:
+            backend = TrainingBackend.TRAINJOB
+        elif started_on == PYTORCHJOB_KIND and cluster.pytorchjob:
+            backend = TrainingBackend.PYTORCHJOB
+        if backend == TrainingBackend.PYTORCHJOB and not cluster.pytorchjob:
+            why = (
+                f"auto found neither {TRAINJOB_CRD} (Kubeflow Trainer v2) nor {PYTORCHJOB_CRD} "
+                "(Kubeflow Training Operator) served; install one and restart the operator"
+            )
+            return backend, (field, TrainingBackend.AUTO.value, why)
+        return backend, None
+    served, crd, what = {
+        TrainingBackend.TRAINJOB: (cluster.trainjob, TRAINJOB_CRD, "Kubeflow Trainer v2"),
+        TrainingBackend.PYTORCHJOB: (
+            cluster.pytorchjob,
+            PYTORCHJOB_CRD,
+            "the Kubeflow Training Operator",
+        ),
+    }[backend]
+    if served:
+        return backend, None
+    why = (
+        f"the cluster does not serve {crd} ({what} is not installed, or was not when the "
+        "operator started); install it, or choose another backend"
+    )
+    return backend, (field, backend.value, why)
 
 
 def tune_backend(stage: PlannedStage, rayjob_available: bool) -> TuneBackend:
@@ -142,21 +230,32 @@ def tune_backend(stage: PlannedStage, rayjob_available: bool) -> TuneBackend:
     return wanted
 
 
-def workload_kind(stage: PlannedStage, backend: TuneBackend = TuneBackend.POD) -> str:
-    """The kind of a stage's workload (`backend` only matters to a tune stage)."""
+def workload_kind(
+    stage: PlannedStage,
+    backend: TuneBackend = TuneBackend.POD,
+    training: TrainingBackend = TrainingBackend.PYTORCHJOB,
+) -> str:
+    """The kind of a stage's workload: `backend` matters to a tune stage, `training` (resolved,
+    not `auto`) to a distributed one."""
     if stage.kind == StageName.TUNE:
         return RAYJOB_KIND if backend == TuneBackend.RAYJOB else JOB_KIND
-    return PYTORCHJOB_KIND if stage.distributed else JOB_KIND
+    if not stage.distributed:
+        return JOB_KIND
+    return TRAINJOB_KIND if training == TrainingBackend.TRAINJOB else PYTORCHJOB_KIND
 
 
-def child_workload(attempt: Attempt, backend: TuneBackend = TuneBackend.POD) -> Body:
-    """The child workload of one attempt (`backend` only matters to a tune stage)."""
-    return KINDS[workload_kind(attempt.stage, backend)].build(attempt)
+def child_workload(
+    attempt: Attempt,
+    backend: TuneBackend = TuneBackend.POD,
+    training: TrainingBackend = TrainingBackend.PYTORCHJOB,
+) -> Body:
+    """The child workload of one attempt (see `workload_kind`)."""
+    return KINDS[workload_kind(attempt.stage, backend, training)].build(attempt)
 
 
 def observe_child(body: Body) -> Child | None:
-    """A child of a kind in `KINDS` (a PyTorchJob, Job or RayJob) that we created, as reconcile
-    sees it; None for anything else."""
+    """A child of a kind in `KINDS` (a TrainJob, PyTorchJob, Job or RayJob) that we created, as
+    reconcile sees it; None for anything else."""
     kind = KINDS.get(body.get("kind", ""))
     return kind.observe(body) if kind else None
 

@@ -57,6 +57,9 @@ ANNOTATION_STOPPED = "ulmfit.io/stopped"
 
 CONFIGMAP_KIND = "ConfigMap"
 
+DEFAULT_TRAINING_RUNTIME = "ulmfit-torch"
+"""The ClusterTrainingRuntime the chart ships and TrainJobs name (`--training-runtime`)."""
+
 # The Ray dashboard: the tune pod or a RayJob's head serves it, the Service fronts it, and the
 # NetworkPolicy lets the KubeRay operator reach it.
 DASHBOARD_PORT = 8265
@@ -337,6 +340,8 @@ class Attempt:
     number: int
     init_checkpoint: str | None = None
     """The checkpoint the attempt starts from, recorded on the child as an annotation."""
+    training_runtime: str = DEFAULT_TRAINING_RUNTIME
+    """The ClusterTrainingRuntime a TrainJob names (other kinds ignore it)."""
 
     @property
     def name(self) -> str:

@@ -24,6 +24,7 @@ from ulmfit_operator.children.common import (
 PYTORCHJOB_API_VERSION = "kubeflow.org/v1"
 PYTORCHJOB_KIND = "PyTorchJob"
 PYTORCHJOB_PLURAL = "pytorchjobs"
+PYTORCHJOB_CRD = f"{PYTORCHJOB_PLURAL}.kubeflow.org"
 
 # The Training Operator looks the container and its port up by these names.
 PYTORCH_CONTAINER = "pytorch"

@@ -37,10 +37,11 @@ from ulmfit_trainer.store.errors import StoreAuthError, StoreError, StoreUnavail
 from ulmfit_operator.children import (
     JOB_API_VERSION,
     LABEL_JOB,
-    PYTORCHJOB_API_VERSION,
-    PYTORCHJOB_PLURAL,
-    RAYJOB_API_VERSION,
-    RAYJOB_PLURAL,
+    OPTIONAL_KINDS,
+    PYTORCHJOB_KIND,
+    RAYJOB_KIND,
+    TRAINJOB_KIND,
+    Cluster,
     observe_child,
     stop_patch,
 )
@@ -144,9 +145,14 @@ class Controller:
         brought meanwhile (which may be that patch's own: decided once it returns)."""
         self._written_lock = threading.Lock()
         self.is_leader: Callable[[], bool] = lambda: True
-        self.rayjob_available = False
-        """The RayJob CRD was served when the operator started (kopf watches what it finds then,
-        so a KubeRay installed later is used after a restart)."""
+        self.cluster = Cluster(
+            training_backend=settings.training_backend,
+            training_runtime=settings.training_runtime,
+        )
+        """The workload APIs served, found at start-up (kopf watches what it finds then, so a
+        Kubeflow Trainer or KubeRay installed later is used after a restart) and checked again
+        when this replica takes the lead (one uninstalled since is no longer used)."""
+        self._watched: frozenset[str] = frozenset()
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
         # Events are posted off the reconcile path: a reconcile is done once its status landed.
@@ -187,23 +193,45 @@ class Controller:
         if changed and self.view.job(key) is not None:
             self.queue.add(key)
 
-    def discover_rayjob(self) -> bool:
-        """Whether the API serves RayJobs (discovery: every authenticated client may read it)."""
+    def served(self, api_version: str, plural: str) -> bool:
+        """Whether the API serves `plural` (discovery: every authenticated client may read it)."""
         try:
-            found = self.kube.request("GET", f"/apis/{RAYJOB_API_VERSION}")
+            found = self.kube.request("GET", f"/apis/{api_version}")
         except ApiException as error:
             if error.status in (403, 404):
                 return False
             raise
-        return any(r.get("name") == RAYJOB_PLURAL for r in (found or {}).get("resources") or [])
+        return any(r.get("name") == plural for r in (found or {}).get("resources") or [])
+
+    def discover(self) -> None:
+        """Which workload APIs the cluster serves, now: at start-up, and again when this replica
+        takes the lead (never per reconcile). Only kinds found at start-up are watched, so only
+        those can be used until a restart."""
+        found = {
+            kind: self.served(api_version, plural)
+            for kind, (api_version, plural) in OPTIONAL_KINDS.items()
+        }
+        if not self._watched:
+            self._watched = frozenset(kind for kind, served in found.items() if served)
+        usable = {kind: served and kind in self._watched for kind, served in found.items()}
+        self.cluster = dataclasses.replace(
+            self.cluster,
+            trainjob=usable[TRAINJOB_KIND],
+            pytorchjob=usable[PYTORCHJOB_KIND],
+            rayjob=usable[RAYJOB_KIND],
+        )
+        log.info(
+            "workload APIs: %s; training backend %s",
+            ", ".join(f"{kind} {'served' if usable[kind] else 'absent'}" for kind in usable),
+            self.settings.training_backend.value,
+        )
 
     def prime_children(self) -> None:
         """List existing children before the first reconcile, so none is missed at startup."""
-        self.rayjob_available = self.discover_rayjob()
-        log.info("RayJob CRD %s", "found" if self.rayjob_available else "not installed")
-        kinds = [(PYTORCHJOB_API_VERSION, PYTORCHJOB_PLURAL), (JOB_API_VERSION, "jobs")]
-        if self.rayjob_available:
-            kinds.append((RAYJOB_API_VERSION, RAYJOB_PLURAL))
+        self.discover()
+        kinds = [(JOB_API_VERSION, "jobs")] + [
+            OPTIONAL_KINDS[kind] for kind in sorted(self._watched)
+        ]
         for api_version, plural in kinds:
             try:
                 items = self.kube.list(api_version, plural, self.settings.namespace, LABEL_JOB)
@@ -324,7 +352,7 @@ class Controller:
                 children,
                 observation,
                 now,
-                rayjob_available=self.rayjob_available,
+                cluster=self.cluster,
                 policy=self.policy,
             )
             if isinstance(decision, NeedPods):
