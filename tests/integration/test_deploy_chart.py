@@ -414,6 +414,30 @@ def test_standalone_needs_no_lease(helm: Tool) -> None:
     assert [r["metadata"]["name"] for r in find(objects, "Role")] == []
 
 
+TRAINER_RUNTIME_API = "trainer.kubeflow.org/v1alpha1/ClusterTrainingRuntime"
+
+
+def test_the_training_runtime_is_installed_where_trainer_is_served(helm: Tool) -> None:
+    """The ClusterTrainingRuntime TrainJobs name: rendered where the API serves Trainer v2's
+    runtimes (or when asked to be), never where it would fail the install; its spec is
+    manifests/trainer/'s, under the name the operator is told (`trainingRuntime`)."""
+    assert find(render(helm), "ClusterTrainingRuntime") == []
+    assert find(render(helm, "--api-versions", TRAINER_RUNTIME_API,
+                       "--set", "trainingRuntimeInstall=never"), "ClusterTrainingRuntime") == []
+    served = render(
+        helm, "--api-versions", TRAINER_RUNTIME_API, "--set", "trainingRuntime=team-torch"
+    )
+    runtime = one(served, "ClusterTrainingRuntime")
+    (manifest,) = [d for d in yaml.safe_load_all(
+        (MANIFESTS / "trainer" / "cluster-training-runtime.yaml").read_text()) if d]
+    assert runtime["spec"] == manifest["spec"]
+    assert runtime["metadata"]["name"] == "team-torch"
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
+    assert "--training-runtime=team-torch" in container_args(served)
+    forced = render(helm, "--set", "trainingRuntimeInstall=always")
+    assert one(forced, "ClusterTrainingRuntime")["metadata"]["name"] == "ulmfit-torch"
+
+
 # --- the operator's settings (the rest is in tests/unit/test_settings.py) ---------------------
 
 
