@@ -410,13 +410,22 @@ class _Context:
 
     def walk_plan(self) -> NeedStore | None:
         """A stage whose dependencies are all done is either done (the status recorded its final
-        checkpoint, or the store holds one under this job instance's run path) or ready."""
+        checkpoint, or the store holds one under this job instance's run path) or ready.
+
+        A brand-new job (no status, no children) skips the store: nothing has run under its
+        run path, which carries its UID, so the read would find nothing (at scale, a third of a
+        worker's time went to it). Should something be there after all (a status wiped by hand),
+        the first attempt's trainer resumes from it or finds the stage finished, and the next
+        reconcile, which has a child, reads the store again."""
+        brand_new = not self.job.children and not self.job.old_wire
         for stage in self.plan.stages:
             if any(dep not in self.done for dep in stage.depends_on):
                 continue
             recorded = recorded_final(self.job.old_stage(stage.name))
             if recorded is not None:
                 self.done[stage.name] = recorded
+                continue
+            if brand_new:
                 continue
             if stage.name not in self.observation.checkpoints:
                 return NeedStore(stage.name, "checkpoint", self.plan.run, self.s3)

@@ -41,7 +41,11 @@ def job(
     *,
     name: str = "topics",
     generation: int = 1,
+    new: bool = False,
 ) -> dict[str, Any]:
+    """A ULMFiTJob; without `status`, one the operator has seen before (its status holds an
+    `observedGeneration`), unless `new`: a job as applied, with no status at all (whose first
+    reconcile skips the store)."""
     base: dict[str, Any] = {"storage": {"s3": dict(S3), "credentialsSecretRef": "s3-keys"}}
     for key, value in (spec or {}).items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -63,6 +67,8 @@ def job(
     }
     if status is not None:
         body["status"] = copy.deepcopy(dict(status))
+    elif not new:
+        body["status"] = {"observedGeneration": generation}
     return body
 
 
@@ -458,6 +464,39 @@ def test_operator_new_job_gets_one_child_for_its_first_stage() -> None:
     assert status["observedGeneration"] == 1
     [event] = decision.events
     assert event.reason == "StageStarted" and "topics-finetune-a1" in event.message
+
+
+def test_operator_brand_new_job_starts_without_reading_the_store() -> None:
+    """A job as applied (no status, no child) has nothing under its run path, which carries its
+    UID: its first reconcile creates the first attempt without a store read. From then on (a
+    status, or a child) the store is read as before."""
+    store = Store()
+    first = store.decide(job(new=True))
+    assert store.asked == []
+    assert [(c.kind, c.name) for c in creates(first)] == [
+        ("ConfigMap", "topics-finetune-a1-config"),
+        ("PyTorchJob", "topics-finetune-a1"),
+    ]
+    assert stage_entry(first.status or {}, "finetune")["attempts"] == 1
+    later = Store()
+    later.decide(after(job(new=True), first), [child("finetune", 1)])
+    assert later.asked[0] == ("finetune", "checkpoint")
+
+
+def test_operator_skipping_the_store_for_a_brand_new_job_loses_nothing() -> None:
+    """Should the store hold a final checkpoint all the same (the job's status wiped by hand),
+    the skipped read costs one attempt's start, nothing else: the attempt is made (its trainer
+    finds the stage finished and exits at once), and the next reconcile, which sees that child,
+    reads the final checkpoint, records it, and moves on to the next stage."""
+    store = Store(finals={"finetune": final("finetune")})
+    first = store.decide(job(new=True))
+    assert store.asked == [] and [c.name for c in creates(first)][-1] == "topics-finetune-a1"
+    body = after(job(new=True), first)
+    second = store.decide(body, [child("finetune", 1, ChildPhase.SUCCEEDED)])
+    assert ("finetune", "checkpoint") in store.asked
+    entry = stage_entry(second.status or {}, "finetune")
+    assert entry["state"] == "Succeeded" and entry["checkpoint"] == final("finetune").uri
+    assert [c.name for c in creates(second)][-1] == "topics-classifier-a1"
 
 
 def test_operator_reconcile_is_idempotent() -> None:
