@@ -106,8 +106,10 @@ build_tools() {
 # Where the wheel for the installed torch and Python lives (keyed by every input of the build).
 deepspeed_wheels() {
   local key
+  # (No f-string here: Python 3.11 refuses the escaped quotes one would need inside it.)
   key=$(.venv/bin/python -c 'import sys; from importlib.metadata import version
-print(f"torch{version(\"torch\")}-cp{sys.version_info[0]}{sys.version_info[1]}")')
+print("torch" + version("torch") + "-cp%d%d" % sys.version_info[:2])')
+  [[ -n $key ]] || { echo "cannot read the torch and Python versions from .venv" >&2; exit 1; }
   echo "${XDG_CACHE_HOME:-$HOME/.cache}/ulmfit-operator/wheels/deepspeed-$(pinned deepspeed)-$key-cpu-shm"
 }
 
