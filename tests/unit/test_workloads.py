@@ -519,3 +519,15 @@ def test_operator_network_policy_fences_every_pod_of_the_job_and_only_them() -> 
     # Without KubeRay labels nothing outside the job gets in.
     closed = network_policy(OWNER, 9000, PodNetwork(ray_operator_labels=()))
     assert len(closed["spec"]["ingress"]) == 1
+
+
+def test_operator_can_write_every_kind_of_child_it_builds() -> None:
+    """The REST client finds each child kind's resource path: a new kind in `KINDS` without one
+    would fail its first create, which no pure test sees."""
+    from ulmfit_operator.children import KINDS, OPTIONAL_KINDS
+    from ulmfit_operator.runtime.kube import PLURALS
+
+    for kind in KINDS:
+        assert [plural for (_, known), plural in PLURALS.items() if known == kind], kind
+    for kind, (api_version, plural) in OPTIONAL_KINDS.items():
+        assert PLURALS[(api_version, kind)] == plural

@@ -14,7 +14,7 @@ such a job (InvalidSpec) before it creates anything.
 
 Trainer's torch policy gives each pod `PET_NNODES`, `PET_NPROC_PER_NODE`, `PET_NODE_RANK` (the
 pod's completion index) and `PET_MASTER_ADDR`/`PET_MASTER_PORT` (`<trainjob>-node-0-0.<trainjob>`,
-port 29400), which torchrun reads by itself: the command names none of them.
+port 29500), which torchrun reads by itself: the command names none of them.
 
 Built by `train_job`, read back by `observe` (conditions `Complete`, `Failed`, `Suspended`, and
 `jobsStatus` for whether pods run), suspended through `spec.suspend`.

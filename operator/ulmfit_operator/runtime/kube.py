@@ -22,11 +22,7 @@ from ulmfit_operator.children import (
     JOB_API_VERSION,
     NETWORKPOLICY_API_VERSION,
     NETWORKPOLICY_KIND,
-    PYTORCHJOB_API_VERSION,
-    PYTORCHJOB_PLURAL,
-    RAYJOB_API_VERSION,
-    RAYJOB_KIND,
-    RAYJOB_PLURAL,
+    OPTIONAL_KINDS,
     SERVICE_KIND,
     ChildRef,
 )
@@ -59,8 +55,8 @@ PLURALS = {
     ("v1", "Event"): "events",
     ("v1", SERVICE_KIND): "services",
     (NETWORKPOLICY_API_VERSION, NETWORKPOLICY_KIND): "networkpolicies",
-    (RAYJOB_API_VERSION, RAYJOB_KIND): RAYJOB_PLURAL,
-    (PYTORCHJOB_API_VERSION, "PyTorchJob"): PYTORCHJOB_PLURAL,
+    # TrainJob, PyTorchJob, RayJob
+    **{(api_version, kind): plural for kind, (api_version, plural) in OPTIONAL_KINDS.items()},
     (JOB_API_VERSION, "Job"): "jobs",
     (API_VERSION, KIND): PLURAL,
     ("coordination.k8s.io/v1", "Lease"): "leases",
