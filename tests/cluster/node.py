@@ -9,8 +9,9 @@
 - kubelet (cgroupfs driver, its API on the bridge address) registered as node ``NODE_NAME``;
 - kube-proxy in iptables mode, so ClusterIPs (the `kubernetes` Service among them) work;
 - CoreDNS (the project's trimmed build, no forwarding) on the bridge address, the pods' resolver;
-- the real Kubeflow Training Operator and KubeRay operator as host processes, with the CRDs from
-  their own module trees.
+- the real Kubeflow Training Operator, Kubeflow Trainer v2 with JobSet, and the KubeRay operator
+  as host processes, with the CRDs from their own module trees, and every one of their webhooks
+  in the admission path (`tests.cluster.webhooks` for Trainer's and JobSet's).
 
 Every binary comes from a cache filled by ``tests/controlplane/build.sh`` and
 ``tests/cluster/controllers/build.sh``; the network is ``tests.cluster.network``'s bridge.
@@ -30,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from tests.cluster import network
+from tests.cluster import network, webhooks
 from tests.harness.kube import (
     ControlPlane,
     ServerProcess,
@@ -47,7 +48,7 @@ NODE_READY_TIMEOUT = 180.0
 # The namespace where the real third-party controllers keep their own objects.
 CONTROLLERS_NAMESPACE = "kubeflow"
 TRAINING_OPERATOR_SECRET = "training-operator-webhook-cert"
-TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+TRAINING_OPERATOR_CERT_DIR = webhooks.WEBHOOK_CERT_DIR
 # The Training Operator's default; benchmarks/apply_to_pod.py compares others.
 TRAINING_OPERATOR_THREADS = 1
 
@@ -468,16 +469,22 @@ disabled_plugins = [
 
         with self.api_client() as api:
             crds: list[dict[str, Any]] = []
-            for name in ("training-operator", "kuberay"):
+            for name in ("training-operator", "trainer", "jobset", "kuberay"):
                 for path in sorted((self.controllers[name] / "crds").glob("*.yaml")):
                     crds.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+            # Server-side: Trainer's runtime CRDs are ~0.9 MB each, past what a client-side
+            # apply's last-applied annotation may hold.
             apply_manifests(api, crds)
-            with contextlib.suppress(Exception):
-                client.CoreV1Api(api).create_namespace(
-                    client.V1Namespace(metadata=client.V1ObjectMeta(name=CONTROLLERS_NAMESPACE))
-                )
+            for namespace in (CONTROLLERS_NAMESPACE, webhooks.TRAINER.namespace,
+                              webhooks.JOBSET.namespace):  # fmt: skip
+                with contextlib.suppress(Exception):
+                    client.CoreV1Api(api).create_namespace(
+                        client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace))
+                    )
             wait_for(lambda: self._crds_established(api, crds), 60, "third-party CRDs")
         self._start_training_operator()
+        self._start_jobset()
+        self._start_trainer()
         self._start_kuberay()
 
     @staticmethod
@@ -542,6 +549,70 @@ disabled_plugins = [
             120,
             "the Training Operator's webhook to serve",
         )
+
+    def _start_jobset(self) -> None:
+        """JobSet, which runs the JobSet each TrainJob becomes (its webhooks on JobSets and on
+        their pods in the admission path)."""
+        binary = self.controllers["jobset"] / "jobset"
+
+        def configuration(webhook: int, health: int) -> dict[str, Any]:
+            return webhooks.jobset_configuration(self.host, webhook, health)
+
+        self._start_webhook_manager("jobset", [str(binary)], webhooks.JOBSET, configuration)
+
+    def _start_trainer(self) -> None:
+        """Kubeflow Trainer v2's controller manager: TrainJob -> JobSet, its webhooks (TrainJob
+        defaulting and validation, runtime validation) in the admission path."""
+        binary = self.controllers["trainer"] / "trainer-controller-manager"
+
+        def configuration(webhook: int, health: int) -> dict[str, Any]:
+            return webhooks.trainer_configuration(self.host, webhook, health)
+
+        self._start_webhook_manager("trainer", [str(binary)], webhooks.TRAINER, configuration)
+
+    def _start_webhook_manager(
+        self,
+        name: str,
+        argv: list[str],
+        server: webhooks.WebhookServer,
+        configuration: Any,
+    ) -> None:
+        """Run a manager whose rotator certifies its own webhooks (see tests.cluster.webhooks)."""
+        from kubernetes import client
+
+        webhook_port, health = free_port(self.host), free_port()
+        config = self.workdir / f"{name}-config.yaml"
+        config.write_text(yaml.safe_dump(configuration(webhook_port, health)))
+        cert_dir = self.workdir / f"{name}-certs"
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        webhooks.WEBHOOK_CERT_DIR.mkdir(parents=True, exist_ok=True)
+        with self.api_client() as api:
+            apply_manifests(api, server.objects(self.host, webhook_port))
+            with contextlib.suppress(Exception):  # the rotator only updates it
+                client.CoreV1Api(api).create_namespaced_secret(
+                    server.namespace,
+                    client.V1Secret(metadata=client.V1ObjectMeta(name=server.secret)),
+                )
+        process = self._spawn(
+            name,
+            webhooks.in_own_cert_dir(
+                cert_dir,
+                [*argv, f"--config={config}", f"--kubeconfig={self.kubeconfig}"],
+            ),
+        )
+
+        def certificates() -> dict[str, str] | None:
+            process.check_running()
+            with self.api_client() as api:
+                secret = client.CoreV1Api(api).read_namespaced_secret(
+                    server.secret, server.namespace
+                )
+            data = secret.data or {}
+            wanted = ("ca.crt", "tls.crt", "tls.key")
+            return {key: data[key] for key in wanted} if all(k in data for k in wanted) else None
+
+        webhooks.write_certs(wait_for(certificates, 60, f"{name}'s webhook certificate"), cert_dir)
+        wait_until_ok(process, f"http://127.0.0.1:{health}/readyz", 120, f"{name}'s webhooks")
 
     def _init_container_flags(self) -> list[str]:
         """The init container of PyTorchJob workers: wait until the master's name resolves.

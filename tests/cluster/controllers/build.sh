@@ -4,6 +4,11 @@
 #
 #   training-operator  the Kubeflow Training Operator (PyTorchJob controller), with its
 #                      PyTorchJob CRD: DIR/training-operator, DIR/crds/kubeflow.org_pytorchjobs.yaml
+#   trainer            Kubeflow Trainer v2's controller manager (TrainJob and the training
+#                      runtimes), with its three trainer.kubeflow.org CRDs:
+#                      DIR/trainer-controller-manager, DIR/crds/trainer.kubeflow.org_*.yaml
+#   jobset             the JobSet controller, which runs what a TrainJob becomes, with its CRD:
+#                      DIR/jobset, DIR/crds/jobset.x-k8s.io_jobsets.yaml
 #   kuberay            the KubeRay operator, with the ray.io CRDs it watches:
 #                      DIR/ray-operator, DIR/crds/ray.io_{rayclusters,rayjobs,rayservices}.yaml
 #   kueue              the Kueue controller-manager (job queueing and quota admission), with
@@ -11,7 +16,7 @@
 #   coredns            CoreDNS with only the cluster-DNS plugins, no forwarding (wrapper module in
 #                      ./coredns: the plugin list is in its main.go): DIR/coredns
 #
-#   bash tests/cluster/controllers/build.sh [COMPONENT...]    # default: all four
+#   bash tests/cluster/controllers/build.sh [COMPONENT...]    # default: all six
 #
 # Output: stdout carries exactly one line per requested component, in the order asked for,
 #
@@ -28,12 +33,14 @@
 # proxy. Kueue's go.mod asks for Go 1.25; an older go >= 1.21 fetches that toolchain itself.
 set -euo pipefail
 
-training_operator_version="v1.8.1" # github.com/kubeflow/training-operator
+training_operator_version="v1.9.4" # github.com/kubeflow/training-operator
+trainer_version="v2.3.0"           # github.com/kubeflow/trainer/v2
+jobset_version="v0.12.0"           # sigs.k8s.io/jobset (the release Trainer v2.3.0 pairs with)
 kuberay_version="v1.5.0"           # github.com/ray-project/kuberay/ray-operator
 kueue_version="v0.17.0"            # sigs.k8s.io/kueue
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-all_components=(training-operator kuberay kueue coredns)
+all_components=(training-operator trainer jobset kuberay kueue coredns)
 
 log() { printf 'controllers: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
@@ -48,6 +55,8 @@ coredns_version="$(awk '$1 == "require" && $2 == "github.com/coredns/coredns" { 
 output_dir() {
 	case $1 in
 	training-operator) echo "$cache_root/training-operator-$training_operator_version" ;;
+	trainer) echo "$cache_root/trainer-$trainer_version" ;;
+	jobset) echo "$cache_root/jobset-$jobset_version" ;;
 	kuberay) echo "$cache_root/kuberay-$kuberay_version" ;;
 	kueue) echo "$cache_root/kueue-$kueue_version" ;;
 	coredns)
@@ -60,6 +69,8 @@ output_dir() {
 binary() {
 	case $1 in
 	training-operator) echo training-operator ;;
+	trainer) echo trainer-controller-manager ;;
+	jobset) echo jobset ;;
 	kuberay) echo ray-operator ;;
 	kueue) echo kueue ;;
 	coredns) echo coredns ;;
@@ -70,7 +81,7 @@ requested=("$@")
 [[ ${#requested[@]} -gt 0 ]] || requested=("${all_components[@]}")
 for name in "${requested[@]}"; do
 	case $name in
-	training-operator | kuberay | kueue | coredns) ;;
+	training-operator | trainer | jobset | kuberay | kueue | coredns) ;;
 	*) die "unknown component '$name' (known: ${all_components[*]})" ;;
 	esac
 done
@@ -120,6 +131,29 @@ build_training_operator() {
 	copy_crds "$dir/manifests/base/crds" "$work/crds" kubeflow.org_pytorchjobs.yaml
 	# It has no version flag; its flag list shows that it runs.
 	check_help "$work/training-operator" -enable-scheme
+}
+
+build_trainer() {
+	local module=github.com/kubeflow/trainer/v2 dir
+	go_install "$module/cmd/trainer-controller-manager@$trainer_version" \
+		"$work/trainer-controller-manager"
+	# The runtimes' CRDs too: a TrainJob names its runtime, and the manager watches all three.
+	dir="$(module_dir "$GO" "$module@$trainer_version")"
+	copy_crds "$dir/manifests/base/crds" "$work/crds" \
+		trainer.kubeflow.org_trainjobs.yaml trainer.kubeflow.org_trainingruntimes.yaml \
+		trainer.kubeflow.org_clustertrainingruntimes.yaml
+	check_help "$work/trainer-controller-manager" -config
+}
+
+build_jobset() {
+	local module=sigs.k8s.io/jobset dir
+	# Built inside its module, not with `go install MODULE@VERSION`: for a main package at a
+	# module's root that asks the proxy for the module's version list (to look for a deprecation
+	# notice), which the proxy here refuses.
+	dir="$(module_dir "$GO" "$module@$jobset_version")"
+	(cd "$dir" && GOWORK=off "$GO" build -mod=readonly "${go_flags[@]}" -o "$work/jobset" .)
+	copy_crds "$dir/config/components/crd/bases" "$work/crds" jobset.x-k8s.io_jobsets.yaml
+	check_help "$work/jobset" -config
 }
 
 build_kuberay() {
