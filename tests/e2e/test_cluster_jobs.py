@@ -1,10 +1,12 @@
 """ULMFiTJobs on a real one-node cluster: nothing here plays a controller.
 
 The operator runs as a pod installed by `helm install`; its children are handled by the real
-Kubeflow Training Operator, KubeRay operator, Job controller, scheduler, kubelet and garbage
-collector; trainer pods run the project's trainer image and write to a real S3 server on the
-cluster's bridge. Each job is tiny (a 2-layer, 32-wide model and a few hundred documents), so a
-whole pipeline takes minutes on 2 cores.
+Kubeflow Trainer v2 and JobSet (TrainJobs: what `auto` picks here, where both backends are
+served), Kubeflow Training Operator (PyTorchJobs, where a test names that backend), KubeRay
+operator, Job controller, scheduler, kubelet and garbage collector; trainer pods run the
+project's trainer image and write to a real S3 server on the cluster's bridge. Each job is tiny
+(a 2-layer, 32-wide model and a few hundred documents), so a whole pipeline takes minutes on 2
+cores.
 
 The tests run in file order; the last one uninstalls the operator.
 """
@@ -72,7 +74,9 @@ def tiny_job(
             "cpu": "500m",
             "memory": "2Gi",
             "image": operator.trainer_image,
-            "imagePullPolicy": "Never",
+            # A TrainJob takes its pull policy from the runtime (IfNotPresent); the image is
+            # on the node, and its registry is this host's loopback.
+            "imagePullPolicy": "IfNotPresent",
         },
         "storage": {
             "s3": {"endpoint": s3.url, "bucket": bucket, "prefix": "runs"},
@@ -168,7 +172,10 @@ class Cluster:
     def describe(self, name: str) -> str:
         """Everything useful when a job does not do what a test expects."""
         parts = [json.dumps(self.job(name).get("status", {}), indent=1)[:6000]]
-        parts.append(self.run("get", "pods,pytorchjobs,jobs,rayjobs", "-o", "wide", check=False))
+        parts.append(
+            self.run("get", "pods,trainjobs,jobsets,pytorchjobs,jobs,rayjobs", "-o", "wide",
+                     check=False)
+        )  # fmt: skip
         parts.append(self.run("get", "events", "--sort-by=.lastTimestamp", check=False)[-6000:])
         for pod in self.get("pods")["items"]:
             pod_name = pod["metadata"]["name"]
@@ -179,6 +186,15 @@ class Cluster:
 
 def stages_by_name(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {entry["name"]: entry for entry in job["status"]["stages"]}
+
+
+def true_conditions(item: dict[str, Any]) -> set[str]:
+    return {c["type"] for c in (item.get("status") or {}).get("conditions") or []
+            if c["status"] == "True"}  # fmt: skip
+
+
+PYTORCHJOB = {"resources.trainingBackend": "pytorchjob"}
+"""What a test that is about the PyTorchJob backend adds to its job (auto picks TrainJob here)."""
 
 
 @pytest.fixture
@@ -207,8 +223,9 @@ def test_job_runs_every_stage_as_pods_and_the_model_predicts_from_s3(
     tmp_path: Path,
 ) -> None:
     """`kubectl apply` of a job: pretrain, finetune, classifier and evaluate run as real pods
-    (PyTorchJobs under the real Kubeflow controller, evaluate as a batch Job), the job ends
-    Succeeded with test metrics, and `ulmfit predict` loads the exported model from S3."""
+    (TrainJobs under the real Kubeflow Trainer v2 and JobSet, which `auto` picks where both
+    backends are served; evaluate as a batch Job), the job ends Succeeded with test metrics, and
+    `ulmfit predict` loads the exported model from S3."""
     job = tiny_job("pipeline", cluster_operator, cluster_s3, bucket)
     job["spec"]["stages"]["pretrain"]["enabled"] = True
     cluster.apply(job, tmp_path)
@@ -229,14 +246,20 @@ def test_job_runs_every_stage_as_pods_and_the_model_predicts_from_s3(
     baseline = f"majority baseline {metrics['majorityBaselineAccuracy']:.4f}"
     assert baseline in conditions["Succeeded"]["message"], conditions["Succeeded"]
 
-    # Each training stage ran as a PyTorchJob the real controller drove to Succeeded, and its
-    # pods really ran (the kubelet reported their exit).
+    # Each training stage ran as a TrainJob that Trainer and JobSet drove to Complete, through a
+    # JobSet of its own, and its pod really ran to the end (the kubelet reported its exit). No
+    # PyTorchJob was made.
     for stage in ("pretrain", "finetune", "classifier"):
         child = stages[stage]["child"]
-        pytorchjob = cluster.get("pytorchjob", child)
-        states = {c["type"]: c["status"] for c in pytorchjob["status"]["conditions"]}
-        assert states.get("Succeeded") == "True", pytorchjob["status"]
-    # Completed pods may already be gone (cleanPodPolicy); the evaluate Job's pod is kept.
+        trainjob = cluster.get("trainjob", child)
+        assert "Complete" in true_conditions(trainjob), trainjob["status"]
+        assert trainjob["spec"]["runtimeRef"]["name"] == "ulmfit-torch"
+        jobset = cluster.get("jobset", child)
+        assert "Completed" in true_conditions(jobset), jobset["status"]
+        pods = cluster.get("pods", selector=f"jobset.sigs.k8s.io/jobset-name={child}")["items"]
+        assert [p["status"]["phase"] for p in pods] == ["Succeeded"], pods
+        assert pods[0]["metadata"]["labels"]["ulmfit.io/stage"] == stage
+    assert cluster.get("pytorchjobs", selector="ulmfit.io/job=pipeline")["items"] == []
     evaluate = cluster.get("pods", selector=f"job-name={stages['evaluate']['child']}")
     phases = {pod["status"]["phase"] for pod in evaluate["items"]}
     assert phases == {"Succeeded"}
@@ -259,46 +282,52 @@ def test_job_runs_every_stage_as_pods_and_the_model_predicts_from_s3(
 # --- 2: two pods, one torchrun rendezvous ---------------------------------------------------------
 
 
-def test_two_worker_stage_matches_one_pod_run(
+def test_two_worker_stage_matches_one_pod_run_on_both_backends(
     cluster: Cluster,
     cluster_operator: ClusterOperator,
     cluster_s3: SeaweedS3,
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    """`workers: 2` runs the pretrain stage in two pods, one process each; the environment the
-    real Kubeflow controller gives them (MASTER_ADDR on a headless Service, RANK, WORLD_SIZE)
-    drives torchrun's rendezvous across the pods. The same steps in one pod reach the same
-    validation loss: each of the two ranks takes half of the one-pod batch (the data order deals
-    one permutation round-robin), and the gradients are averaged, so only float summation order
-    differs. Tolerance: 1% relative."""
+    """`workers: 2` runs the pretrain stage in two pods, one process each, on either backend:
+    the environment the real controller gives them drives torchrun's rendezvous across the pods
+    (the Training Operator's MASTER_ADDR on a headless Service, RANK, WORLD_SIZE; Trainer v2's
+    PET_* variables, the master at `<trainjob>-node-0-0.<trainjob>`). The same steps in one pod
+    reach the same validation loss: each of the two ranks takes half of the one-pod batch (the
+    data order deals one permutation round-robin), and the gradients are averaged, so only float
+    summation order differs. Tolerance: 1% relative."""
     common = {
         "stages.pretrain.enabled": True,
         "stages.pretrain.maxSteps": 8,
         "stages.pretrain.checkpointEvery": 100,
         "model.architecture.dropout": 0.0,
     }
-    two = tiny_job("two-pods", cluster_operator, cluster_s3, bucket, **common,
+    two = tiny_job("two-pods", cluster_operator, cluster_s3, bucket, **common, **PYTORCHJOB,
                    **{"resources.workers": 2, "stages.pretrain.batchSize": 4})  # fmt: skip
-    one = tiny_job("one-pod", cluster_operator, cluster_s3, bucket, **common,
+    one = tiny_job("one-pod", cluster_operator, cluster_s3, bucket, **common, **PYTORCHJOB,
                    **{"resources.workers": 1, "stages.pretrain.batchSize": 8})  # fmt: skip
     cluster.apply(two, tmp_path)
     cluster.apply(one, tmp_path)
+
+    def running_pods(job: str) -> list[dict[str, Any]]:
+        pods = cluster.get("pods", selector=f"ulmfit.io/job={job},ulmfit.io/stage=pretrain")
+        return [p for p in pods["items"] if p["status"]["phase"] == "Running"]
+
+    def env_of(pod: dict[str, Any]) -> dict[str, Any]:
+        return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
 
     # Both pods of the two-worker stage run at once, with the rendezvous environment the real
     # controller gave them. (Once the master exits the controller marks the PyTorchJob succeeded
     # and deletes a worker still running, per cleanPodPolicy, so look while they run.)
     def both_running() -> dict[str, dict[str, Any]] | None:
-        pods = cluster.get("pods", selector="ulmfit.io/job=two-pods,ulmfit.io/stage=pretrain")
         running = {
             p["metadata"]["labels"]["training.kubeflow.org/replica-type"]: p
-            for p in pods["items"]
-            if p["status"]["phase"] == "Running"
+            for p in running_pods("two-pods")
         }
         return running if set(running) == {"master", "worker"} else None
 
     pods = wait_for(both_running, 300, "the master and worker pods to run at once", interval=0.5)
-    worker_env = {e["name"]: e.get("value") for e in pods["worker"]["spec"]["containers"][0]["env"]}
+    worker_env = env_of(pods["worker"])
     child = pods["master"]["metadata"]["labels"]["training.kubeflow.org/job-name"]
     assert worker_env["MASTER_ADDR"] == f"{child}-master-0"
     assert (worker_env["RANK"], worker_env["WORLD_SIZE"]) == ("1", "2")
@@ -307,11 +336,35 @@ def test_two_worker_stage_matches_one_pod_run(
     one_stage = cluster.wait_stage("one-pod", "pretrain", {"Succeeded", "Failed"})
     assert two_stage["state"] == "Succeeded", cluster.describe("two-pods")
     assert one_stage["state"] == "Succeeded", cluster.describe("one-pod")
-
-    two_loss = two_stage["metrics"]["validLoss"]
     one_loss = one_stage["metrics"]["validLoss"]
+    two_loss = two_stage["metrics"]["validLoss"]
     assert abs(two_loss - one_loss) <= 0.01 * one_loss, (two_loss, one_loss)
-    for name in ("two-pods", "one-pod"):
+
+    # The same two-pod stage as a TrainJob: JobSet runs both pods of its one Job at once, and
+    # each has Trainer's rendezvous environment, its rank from the pod's completion index.
+    trainjob = tiny_job("two-trainjob", cluster_operator, cluster_s3, bucket, **common,
+                        **{"resources.workers": 2, "stages.pretrain.batchSize": 4})  # fmt: skip
+    cluster.apply(trainjob, tmp_path)
+
+    def both_trainjob_pods() -> list[dict[str, Any]] | None:
+        running = running_pods("two-trainjob")
+        return running if len(running) == 2 else None
+
+    pods_now = wait_for(both_trainjob_pods, 300, "both TrainJob pods to run at once", interval=0.5)
+    child = pods_now[0]["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"]
+    for pod in pods_now:
+        env = env_of(pod)
+        assert env["PET_MASTER_ADDR"] == f"{child}-node-0-0.{child}", env
+        assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"]) == ("2", "1"), env
+        assert "MASTER_ADDR" not in env and "RANK" not in env, env
+    ranks = {pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+             for pod in pods_now}  # fmt: skip
+    assert ranks == {"0", "1"}
+    trainjob_stage = cluster.wait_stage("two-trainjob", "pretrain", {"Succeeded", "Failed"})
+    assert trainjob_stage["state"] == "Succeeded", cluster.describe("two-trainjob")
+    trainjob_loss = trainjob_stage["metrics"]["validLoss"]
+    assert abs(trainjob_loss - one_loss) <= 0.01 * one_loss, (trainjob_loss, one_loss)
+    for name in ("two-pods", "one-pod", "two-trainjob"):
         cluster.run("delete", "ulmfitjob", name, "--wait=false")
 
 
@@ -341,7 +394,8 @@ def final_record(s3: SeaweedS3, bucket: str, run: str, stage: str) -> Checkpoint
 
 
 class ChildWatch:
-    """Samples a job's PyTorchJobs in the background: the most ever active at once per stage."""
+    """Samples a job's training children (TrainJobs and PyTorchJobs) in the background: per
+    stage, the most ever active at once."""
 
     def __init__(self, cluster: Cluster, job: str) -> None:
         self.cluster, self.job = cluster, job
@@ -358,37 +412,41 @@ class ChildWatch:
         self._thread.join(10)
 
     def _run(self) -> None:
+        selector = f"ulmfit.io/job={self.job}"
         while not self._stop.wait(0.5):
             try:
-                items = self.cluster.get("pytorchjobs", selector=f"ulmfit.io/job={self.job}")
+                items = self.cluster.get("trainjobs,pytorchjobs", selector=selector)["items"]
             except Exception:
                 continue
             active: dict[str, int] = {}
-            for item in items["items"]:
-                conditions = {c["type"]: c["status"] for c in
-                              (item.get("status") or {}).get("conditions") or []}  # fmt: skip
-                if conditions.get("Succeeded") != "True" and conditions.get("Failed") != "True":
+            for item in items:
+                if not true_conditions(item) & {"Succeeded", "Complete", "Failed"}:
                     stage = item["metadata"]["labels"]["ulmfit.io/stage"]
                     active[stage] = active.get(stage, 0) + 1
             for stage, count in active.items():
                 self.most_active[stage] = max(self.most_active.get(stage, 0), count)
 
 
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
 def test_deleted_trainer_pod_fails_the_attempt_and_the_next_resumes(
     cluster: Cluster,
     cluster_operator: ClusterOperator,
     cluster_s3: SeaweedS3,
     bucket: str,
     tmp_path: Path,
+    backend: str,
 ) -> None:
-    """Deleting the running trainer pod fails that attempt (the real Kubeflow controller marks
-    the PyTorchJob Failed); the operator starts attempt 2, whose trainer resumes from the last
-    committed checkpoint, and the job succeeds. Never are two attempts of a stage active."""
+    """Deleting the running trainer pod fails that attempt (the real controller marks the
+    TrainJob or PyTorchJob Failed); the operator starts attempt 2, whose trainer resumes from
+    the last committed checkpoint, and the job succeeds. Never are two attempts of a stage
+    active."""
     job = tiny_job("resume", cluster_operator, cluster_s3, bucket, **{
         "stages.finetune.maxSteps": 400,
         "stages.finetune.checkpointEvery": 10,
         "runPolicy.backoffLimit": 2,
+        "resources.trainingBackend": backend,
     })  # fmt: skip
+    kind = backend  # the backend's name is its kind's, in lower case
     with ChildWatch(cluster, "resume") as watch:
         cluster.apply(job, tmp_path)
         run = cluster.store_run("resume")
@@ -398,7 +456,9 @@ def test_deleted_trainer_pod_fails_the_attempt_and_the_next_resumes(
             lambda: committed_steps(cluster_s3, bucket, run, "finetune"),
             300, "a committed finetune checkpoint", interval=0.3,
         )  # fmt: skip
-        cluster.run("delete", "pod", f"{child}-master-0", "--wait=false")
+        attempt_one = "ulmfit.io/job=resume,ulmfit.io/stage=finetune,ulmfit.io/attempt=1"
+        [pod] = cluster.get("pods", selector=attempt_one)["items"]
+        cluster.run("delete", "pod", pod["metadata"]["name"], "--wait=false")
         steps_before = committed_steps(cluster_s3, bucket, run, "finetune")
 
         finished = cluster.wait_finished("resume")
@@ -408,12 +468,16 @@ def test_deleted_trainer_pod_fails_the_attempt_and_the_next_resumes(
     finetune = stages_by_name(finished)["finetune"]
     assert finetune["attempts"] == 2, finetune
     assert finetune["child"].endswith("-a2"), finetune
-    failed = cluster.get("pytorchjob", child)
-    assert {c["type"]: c["status"] for c in failed["status"]["conditions"]}.get("Failed") == "True"
-    log = cluster.run("logs", f"{finetune['child']}-master-0")
+    assert "Failed" in true_conditions(cluster.get(kind, child))
+    assert cluster.get(kind, finetune["child"])["kind"].lower() == kind
+    log = cluster.run(
+        "logs", "-l", "ulmfit.io/job=resume,ulmfit.io/stage=finetune,ulmfit.io/attempt=2",
+        "--tail=-1",
+    )  # fmt: skip
     resumed = [int(step) for step in re.findall(r"resumed at step (\d+)", log)]
     assert resumed and resumed[0] >= min(steps_before), log[-2000:]
     assert max(watch.most_active.values()) == 1, watch.most_active
+    cluster.run("delete", "ulmfitjob", "resume", "--wait=true", timeout=180)
 
 
 # --- 3b: pods that never start -------------------------------------------------------------------
@@ -431,8 +495,9 @@ def test_pods_that_cannot_start_fail_the_job_with_the_kubelets_own_reason(
     stops the attempt, and with no retries left the job fails with that reason in its Failed
     condition and a Warning event."""
     repository = cluster_operator.trainer_image.rpartition(":")[0]
-    job = tiny_job("unpulled", cluster_operator, cluster_s3, bucket, **{
+    job = tiny_job("unpulled", cluster_operator, cluster_s3, bucket, **PYTORCHJOB, **{
         "resources.image": f"{repository}:not-on-this-node",
+        "resources.imagePullPolicy": "Never",
         "runPolicy.pendingDeadlineSeconds": 30,
         "runPolicy.backoffLimit": 0,
     })  # fmt: skip
@@ -459,17 +524,20 @@ def test_pods_that_cannot_start_fail_the_job_with_the_kubelets_own_reason(
 
 
 @pytest.mark.usefixtures("node_kueue")
+@pytest.mark.parametrize("backend", ["trainjob", "pytorchjob"])
 def test_queued_job_runs_every_stage_as_kueue_admits_it(
     cluster: Cluster,
     cluster_operator: ClusterOperator,
     cluster_s3: SeaweedS3,
     bucket: str,
     tmp_path: Path,
+    backend: str,
 ) -> None:
-    """`spec.queueName` under the real Kueue controller: each stage's child is created suspended
-    with the queue label, Kueue admits it within the ClusterQueue's quota (one pod's worth at a
-    time), the real controllers run it, and the job succeeds. Kueue made one Workload per child
-    and admitted each; no stage needed a second attempt."""
+    """`spec.queueName` under the real Kueue controller, with its TrainJob or its PyTorchJob
+    integration: each stage's child is created suspended with the queue label, Kueue admits it
+    within the ClusterQueue's quota (one pod's worth at a time), the real controllers run it,
+    and the job succeeds. Kueue made one Workload per child and admitted each; no stage needed
+    a second attempt."""
     from tests.harness.kueue import create_queue, delete_queue
 
     with cluster.node.api_client() as api:
@@ -478,6 +546,7 @@ def test_queued_job_runs_every_stage_as_kueue_admits_it(
         job = tiny_job("queued", cluster_operator, cluster_s3, bucket, **{
             "queueName": queue.local_queue,
             "stages.classifier.unfreezePhases": 1,
+            "resources.trainingBackend": backend,
         })  # fmt: skip
         cluster.apply(job, tmp_path)
         finished = cluster.wait_finished("queued")
@@ -488,7 +557,11 @@ def test_queued_job_runs_every_stage_as_kueue_admits_it(
         children = [entry["child"] for entry in ran]
         assert {"finetune", "classifier", "evaluate"} <= {entry["name"] for entry in ran}, stages
         assert all(entry["attempts"] == 1 for entry in ran), stages
-        for kind in ("pytorchjobs", "jobs"):
+        training = cluster.get(f"{backend}s", selector="ulmfit.io/job=queued")["items"]
+        assert {item["metadata"]["name"] for item in training} == {
+            entry["child"] for entry in ran if entry["name"] != "evaluate"
+        }
+        for kind in (f"{backend}s", "jobs"):
             for item in cluster.get(kind, selector="ulmfit.io/job=queued")["items"]:
                 labels = item["metadata"]["labels"]
                 assert labels["kueue.x-k8s.io/queue-name"] == queue.local_queue, item["metadata"]
@@ -616,7 +689,7 @@ def test_job_recreated_under_the_same_name_trains_from_scratch(
     cluster.run("delete", "ulmfitjob", "again", "--wait=true", timeout=180)
 
     def all_gone() -> bool:
-        left = cluster.get("pytorchjobs,jobs,configmaps,pods", selector=selector)
+        left = cluster.get("trainjobs,jobsets,jobs,configmaps,pods", selector=selector)
         return not left["items"]
 
     wait_for(all_gone, 180, "the garbage collector to remove the old job's children", interval=1)
@@ -643,6 +716,36 @@ def test_job_recreated_under_the_same_name_trains_from_scratch(
     cluster.run("delete", "ulmfitjob", "again", "--wait=false")
 
 
+# --- 5b: what a TrainJob cannot express ----------------------------------------------------------
+
+
+def test_pod_override_a_trainjob_cannot_carry_fails_the_job_before_any_child(
+    cluster: Cluster,
+    cluster_operator: ClusterOperator,
+    cluster_s3: SeaweedS3,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    """A job on the TrainJob backend that asks for a scheduler (which Trainer v2's runtime
+    patches cannot set) ends Failed with InvalidSpec, one line naming the field; the operator
+    creates no child of any kind. The same override on the PyTorchJob backend is accepted."""
+    job = tiny_job("no-scheduler", cluster_operator, cluster_s3, bucket, **{
+        "resources.trainingBackend": "trainjob",
+        "resources.podTemplate": {"schedulerName": "volcano"},
+    })  # fmt: skip
+    cluster.apply(job, tmp_path)
+    finished = cluster.wait_finished("no-scheduler", timeout=120)
+    failed = {c["type"]: c for c in finished["status"]["conditions"]}["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", "InvalidSpec"), failed
+    assert "spec.resources.podTemplate.schedulerName" in failed["message"], failed
+    assert "\n" not in failed["message"], failed
+    children = cluster.get(
+        "trainjobs,pytorchjobs,jobs,configmaps", selector="ulmfit.io/job=no-scheduler"
+    )
+    assert children["items"] == []
+    cluster.run("delete", "ulmfitjob", "no-scheduler", "--wait=false")
+
+
 # --- 6: deletion and uninstall cascade ------------------------------------------------------------
 
 
@@ -654,8 +757,9 @@ def test_job_deletion_and_helm_uninstall_cascade_but_checkpoints_stay(
     tmp_path: Path,
     helm: Tool,
 ) -> None:
-    """Deleting a running job removes its children, their pods, ConfigMaps and Services (the
-    real garbage collector); its checkpoints stay in S3. `helm uninstall` removes the operator
+    """Deleting a running job removes its children (a TrainJob here), what they made (the
+    JobSet, its Jobs and pods), ConfigMaps and Services (the real garbage collector); its
+    checkpoints stay in S3. `helm uninstall` removes the operator
     and everything the chart made except the CRD (Helm keeps `crds/`)."""
     job = tiny_job("doomed", cluster_operator, cluster_s3, bucket, **{
         "stages.finetune.maxSteps": 400, "stages.finetune.checkpointEvery": 10,
@@ -667,7 +771,8 @@ def test_job_deletion_and_helm_uninstall_cascade_but_checkpoints_stay(
         600, "a committed finetune checkpoint", interval=0.5,
     )  # fmt: skip
     selector = "ulmfit.io/job=doomed"
-    owned = cluster.get("pytorchjobs,configmaps", selector=selector)["items"]
+    owned = cluster.get("trainjobs,configmaps", selector=selector)["items"]
+    assert {item["kind"] for item in owned} == {"TrainJob", "ConfigMap"}
     assert owned, "the running job has children"
     pods = cluster.get("pods", selector=selector)["items"]
     assert pods, "the running stage has pods"
@@ -675,7 +780,7 @@ def test_job_deletion_and_helm_uninstall_cascade_but_checkpoints_stay(
     cluster.run("delete", "ulmfitjob", "doomed", "--wait=true", timeout=180)
 
     def all_gone() -> bool:
-        left = cluster.get("pytorchjobs,jobs,configmaps,services,pods", selector=selector)
+        left = cluster.get("trainjobs,jobsets,jobs,configmaps,services,pods", selector=selector)
         return not left["items"]
 
     wait_for(all_gone, 180, "the garbage collector to remove the job's children", interval=1)

@@ -4,9 +4,13 @@
 with a generated ``config.kueue.x-k8s.io/v1beta2`` Configuration: integrations for batch/v1 Job,
 Kubeflow PyTorchJob, Kubeflow Trainer v2 TrainJob and KubeRay RayJob, only jobs that carry a
 queue-name label are managed, no leader election, every listener on a free loopback port.
-Internal certificate management is off, so Kueue touches no Secret or webhook configuration; no
-webhook configuration points at it either, which is fine here because the operator creates its
-children suspended already (the one thing Kueue's mutating webhook would add).
+Internal certificate management is off, so Kueue touches no Secret or webhook configuration.
+For Jobs, PyTorchJobs and RayJobs no webhook configuration points at it either, which is fine
+because the operator creates its children suspended already (the one thing Kueue's mutating
+webhook would add to them). A TrainJob needs Kueue's mutating webhook (it adds Kueue's own
+`runtimePatches` entry), so on the one-node cluster ``node_kueue`` puts Kueue's two TrainJob
+webhooks in the admission path of queued TrainJobs, the server on the bridge's host address
+with a certificate from a CA of ours (``trainjob_webhooks``).
 
 With internal certificates off, Kueue reads the metrics server's certificate from a path fixed in
 its source, ``/etc/kueue/metrics/certs``, and exits when it is missing. In a pod that would be a
@@ -18,6 +22,7 @@ Fixture (import it into a test module; it builds on ``kube_cluster``):
 
 ``kueue``            (session) a running ``KueueController`` on ``kube_cluster``, with Kueue's,
                      the PyTorchJob and the ray.io CRDs installed
+``node_kueue``       (session) the same on the one-node cluster, with its TrainJob webhooks
 
 ``create_queue`` gives a namespace a LocalQueue that feeds a new ClusterQueue with a given quota.
 
@@ -65,6 +70,7 @@ INTEGRATIONS = (
     "ray.io/rayjob",
 )
 METRICS_CERT_DIR = Path("/etc/kueue/metrics/certs")
+WEBHOOK_SERVICE = "kueue-webhook-service"
 START_TIMEOUT = 90.0
 
 
@@ -120,8 +126,13 @@ class KueueController:
     workdir: Path
     namespace: str = "kueue-system"
     integrations: tuple[str, ...] = INTEGRATIONS
+    webhook_host: str = "127.0.0.1"
+    """Where its webhook server listens: the bridge's host address where the API server calls
+    it (`trainjob_webhooks`)."""
     process: ServerProcess | None = None
     health_port: int = field(init=False, default=0)
+    webhook_port: int = field(init=False, default=0)
+    ca: CertificateAuthority | None = field(init=False, default=None)
 
     def __enter__(self) -> KueueController:
         self.start()
@@ -154,7 +165,7 @@ class KueueController:
             "health": {"healthProbeBindAddress": f"127.0.0.1:{self.health_port}"},
             "metrics": {"bindAddress": f"127.0.0.1:{metrics_port}"},
             "webhook": {
-                "host": "127.0.0.1",
+                "host": self.webhook_host,
                 "port": webhook_port,
                 "certDir": str(self.workdir / "webhook-certs"),
             },
@@ -165,8 +176,9 @@ class KueueController:
         }
 
     def _write_certs(self) -> None:
-        ca = CertificateAuthority("ulmfit-test-kueue-ca")
-        serving = ca.issue_server("kueue", ["localhost"], ["127.0.0.1"])
+        ca = self.ca = CertificateAuthority("ulmfit-test-kueue-ca")
+        names = ["localhost", f"{WEBHOOK_SERVICE}.{self.namespace}.svc"]
+        serving = ca.issue_server("kueue", names, sorted({"127.0.0.1", self.webhook_host}))
         for name in ("webhook-certs", "metrics-certs"):
             directory = self.workdir / name
             directory.mkdir(parents=True, exist_ok=True)
@@ -179,8 +191,11 @@ class KueueController:
         METRICS_CERT_DIR.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):  # a free port may be taken again before Kueue binds it
             self.health_port = free_port()
+            self.webhook_port = free_port(self.webhook_host)
             config = self.workdir / "kueue-config.yaml"
-            config.write_text(yaml.safe_dump(self.configuration(free_port(), free_port())))
+            config.write_text(
+                yaml.safe_dump(self.configuration(self.webhook_port, free_port()))
+            )
             script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
             argv = [
                 "unshare",
@@ -207,6 +222,85 @@ class KueueController:
                 self.stop()
                 if attempt == 2 or "address already in use" not in tail:
                     raise
+
+    def trainjob_webhooks(self) -> list[dict[str, Any]]:
+        """What puts Kueue's TrainJob webhooks in the admission path of queued TrainJobs: a
+        Service whose one endpoint is its webhook server, and the two webhook configurations.
+        Its TrainJob integration needs the mutating one: it adds Kueue's own entry to the
+        TrainJob's `runtimePatches`, which Kueue fills in when it admits the job (without it,
+        admission fails with "kueue runtime patch not found")."""
+        import base64
+
+        assert self.ca is not None, "start it first"
+        selector = {"matchExpressions": [{"key": QUEUE_LABEL, "operator": "Exists"}]}
+        bundle = base64.b64encode(self.ca.cert_pem).decode()
+
+        def configuration(
+            kind: str, name: str, path: str, operations: list[str]
+        ) -> dict[str, Any]:
+            webhook = {
+                "name": name,
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "objectSelector": selector,
+                "rules": [
+                    {
+                        "apiGroups": ["trainer.kubeflow.org"],
+                        "apiVersions": ["v1alpha1"],
+                        "operations": operations,
+                        "resources": ["trainjobs"],
+                    }
+                ],
+                "clientConfig": {
+                    "caBundle": bundle,
+                    "service": {
+                        "name": WEBHOOK_SERVICE,
+                        "namespace": self.namespace,
+                        "path": path,
+                        "port": 443,
+                    },
+                },
+            }
+            return {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": kind,
+                "metadata": {"name": f"ulmfit-test-{name}"},
+                "webhooks": [webhook],
+            }
+
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": WEBHOOK_SERVICE, "namespace": self.namespace},
+                "spec": {"ports": [{"port": 443, "targetPort": self.webhook_port}]},
+            },
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"{WEBHOOK_SERVICE}-host",
+                    "namespace": self.namespace,
+                    "labels": {"kubernetes.io/service-name": WEBHOOK_SERVICE},
+                },
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [self.webhook_host], "conditions": {"ready": True}}],
+                "ports": [{"port": self.webhook_port, "protocol": "TCP"}],
+            },
+            configuration(
+                "MutatingWebhookConfiguration",
+                "mtrainjob.kb.io",
+                "/mutate-trainer-kubeflow-org-v1alpha1-trainjob",
+                ["CREATE"],  # as Kueue registers it: it appends its entry on each call
+            ),
+            configuration(
+                "ValidatingWebhookConfiguration",
+                "vtrainjob.kb.io",
+                "/validate-trainer-kubeflow-org-v1alpha1-trainjob",
+                ["CREATE", "UPDATE"],
+            ),
+        ]
 
     def _ready(self) -> bool:
         import urllib.request
@@ -375,7 +469,18 @@ def node_kueue(node_cluster: Any) -> Iterator[KueueController]:
                 client.V1Namespace(metadata=client.V1ObjectMeta(name="kueue-system"))
             )
     workdir = Path(tempfile.mkdtemp(prefix="ulmfit-kueue-node-"))
-    with KueueController(binary, Path(node_cluster.kubeconfig), workdir) as controller:
-        yield controller
+    kubeconfig, host = Path(node_cluster.kubeconfig), node_cluster.host
+    with KueueController(binary, kubeconfig, workdir, webhook_host=host) as controller:
+        with node_cluster.api_client() as api:
+            apply_manifests(api, controller.trainjob_webhooks())
+        try:
+            yield controller
+        finally:
+            with node_cluster.api_client() as api:
+                for kind in ("mutating", "validating"):
+                    with contextlib.suppress(Exception):
+                        getattr(client.AdmissionregistrationV1Api(api),
+                                f"delete_{kind}_webhook_configuration")(
+                            f"ulmfit-test-{kind[0]}trainjob.kb.io")  # fmt: skip
     if not os.environ.get("ULMFIT_KEEP_CLUSTER"):
         shutil.rmtree(workdir, ignore_errors=True)
