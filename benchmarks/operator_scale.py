@@ -147,6 +147,8 @@ class ChildWatch(threading.Thread):
         group_path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
         self.path = f"{group_path}/namespaces/{namespace}/{plural}"
         self.first_seen: dict[str, float] = {}
+        self.first_of_job: dict[str, float] = {}
+        """When the first object labelled with each ULMFiTJob (`ulmfit.io/job`) appeared."""
         self.ready = threading.Event()
         self.stop = threading.Event()
 
@@ -188,7 +190,11 @@ class ChildWatch(threading.Thread):
     def _record(self, event: dict[str, Any], version: str) -> str:
         meta = event["object"].get("metadata", {})
         if event["type"] == "ADDED":
-            self.first_seen.setdefault(meta["name"], time.monotonic())
+            now = time.monotonic()
+            self.first_seen.setdefault(meta["name"], now)
+            job = (meta.get("labels") or {}).get("ulmfit.io/job")
+            if job:
+                self.first_of_job.setdefault(job, now)
         return str(meta.get("resourceVersion", version))
 
 

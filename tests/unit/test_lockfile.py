@@ -239,7 +239,7 @@ def test_bootstrap_installs_everything_with_the_lock_and_builds_the_op_once(
     [wheel] = [Path(arg) for arg in deepspeed if arg.endswith(".whl")]
     assert wheel.is_relative_to(tmp_path / ".cache" / "ulmfit-operator" / "wheels"), wheel
     # The wheel's cache key names every input of the build: DeepSpeed, torch and Python.
-    pins, python = lock_pins(), "cp%d%d" % sys.version_info[:2]
+    pins, python = lock_pins(), f"cp{sys.version_info[0]}{sys.version_info[1]}"
     key = f"deepspeed-{pins['deepspeed'][0][0]}-torch{pins['torch'][0][0]}-{python}-cpu-shm"
     assert wheel.parent.name == key, wheel
     assert first.calls.index(built) < first.calls.index(deepspeed)
