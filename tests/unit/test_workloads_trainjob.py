@@ -330,3 +330,18 @@ def test_operator_runtime_is_hardened_like_the_pytorchjob_pods() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_operator_committed_runtime_is_the_generated_one() -> None:
+    """manifests/trainer/ (and the chart's copy of it) is what `ulmfit training-runtime` prints:
+    the runtime the TrainJobs are built against."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+    from ulmfit_operator.cli import app
+
+    root = Path(__file__).resolve().parents[2]
+    committed = root / "manifests" / "trainer" / "cluster-training-runtime.yaml"
+    printed = CliRunner().invoke(app, ["training-runtime"])
+    assert printed.exit_code == 0, printed.output
+    assert committed.read_text() == printed.output, "regenerate it: make generate"
