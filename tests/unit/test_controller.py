@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from ulmfit_operator.children import ChildRef
+from ulmfit_operator.children import OPTIONAL_KINDS, ChildRef
 from ulmfit_operator.metrics import OperatorMetrics
 from ulmfit_operator.reconcile import Event, FinalCheckpoint
 from ulmfit_operator.runtime.controller import Controller
@@ -252,3 +252,49 @@ def test_controller_that_stopped_leading_writes_nothing(rig: Rig) -> None:
     rig.controller.is_leader = lambda: True
     rig.process()
     assert rig.kube.children() == ["topics-finetune-a1"] and len(rig.kube.status_patches) == 1
+
+
+class DiscoveryKube:
+    """The API server's discovery documents, for the kinds in `served` (kind -> plural)."""
+
+    def __init__(self, served: dict[str, str]):
+        self.served = served
+        self.asked = 0
+
+    def request(self, method: str, path: str, *_: Any, **__: Any) -> dict[str, Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        self.asked += 1
+        group_version = path.removeprefix("/apis/")
+        resources = [
+            {"name": plural}
+            for kind, plural in self.served.items()
+            if OPTIONAL_KINDS[kind][0] == group_version
+        ]
+        if not resources:
+            raise ApiException(status=404, reason="Not Found")
+        return {"resources": resources}
+
+
+def test_controller_discovers_the_served_workload_apis_and_uses_only_what_it_watches() -> None:
+    """At start-up the operator finds which of TrainJob, PyTorchJob and RayJob are served and
+    watches those; when it takes the lead again it looks once more: a kind uninstalled since is
+    no longer used, and one installed since is not used before a restart (nothing watches it)."""
+    kube = DiscoveryKube({"TrainJob": "trainjobs", "PyTorchJob": "pytorchjobs"})
+    controller = Controller(
+        kube,  # type: ignore[arg-type]
+        FakeStores(),  # type: ignore[arg-type]
+        OperatorMetrics(),
+        OperatorSettings(training_backend="pytorchjob", training_runtime="team-torch"),
+        "test-operator",
+    )
+    controller.discover()
+    cluster = controller.cluster
+    assert (cluster.trainjob, cluster.pytorchjob, cluster.rayjob) == (True, True, False)
+    assert (cluster.training_backend, cluster.training_runtime) == ("pytorchjob", "team-torch")
+    assert kube.asked == 3  # once per kind; reconciles never ask
+
+    kube.served = {"PyTorchJob": "pytorchjobs", "RayJob": "rayjobs"}
+    controller.discover()
+    cluster = controller.cluster
+    assert (cluster.trainjob, cluster.pytorchjob, cluster.rayjob) == (False, True, False)
