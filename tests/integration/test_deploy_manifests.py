@@ -28,6 +28,8 @@ NOT_IN_KUSTOMIZATION = {
     "kustomization.yaml",
     "rbac/role_namespaced.yaml",
     "operator/s3-credentials-secret.example.yaml",
+    # Needs Kubeflow Trainer v2's CRDs: applied where Trainer is installed, not with the rest.
+    "trainer/cluster-training-runtime.yaml",
 }
 
 

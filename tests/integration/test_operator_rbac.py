@@ -61,6 +61,9 @@ def test_operator_rbac_grants_only_what_the_operator_uses() -> None:
         ("ulmfit.io", "ulmfitjobs"): {"get", "list", "watch", "delete"},
         ("ulmfit.io", "ulmfitjobs/status"): {"patch"},
         ("ulmfit.io", "ulmfitjobs/finalizers"): {"update"},
+        ("trainer.kubeflow.org", "trainjobs"): {
+            "create", "get", "list", "watch", "patch", "delete"
+        },
         ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "patch", "delete"},
         ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
         ("ray.io", "rayjobs"): {"create", "get", "list", "watch", "patch", "delete"},
