@@ -151,7 +151,7 @@ class ChildKind:
 
 
 KINDS: Mapping[str, ChildKind] = {
-    TRAINJOB_KIND: ChildKind(trainjob.train_job, trainjob.observe, trainjob.suspend_spec),
+    TRAINJOB_KIND: ChildKind(trainjob.train_job, trainjob.observe, suspend_spec),
     PYTORCHJOB_KIND: ChildKind(pytorchjob.pytorch_job, pytorchjob.observe, pytorchjob.suspend_spec),
     JOB_KIND: ChildKind(batch.stage_job, batch.observe, suspend_spec),
     RAYJOB_KIND: ChildKind(rayjob.tune_rayjob, rayjob.observe, suspend_spec),

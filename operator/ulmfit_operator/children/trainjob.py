@@ -17,7 +17,8 @@ pod's completion index) and `PET_MASTER_ADDR`/`PET_MASTER_PORT` (`<trainjob>-nod
 port 29500), which torchrun reads by itself: the command names none of them.
 
 Built by `train_job`, read back by `observe` (conditions `Complete`, `Failed`, `Suspended`, and
-`jobsStatus` for whether pods run), suspended through `spec.suspend`.
+`jobsStatus` for whether pods run), suspended through `spec.suspend` as a Job is
+(`common.suspend_spec`).
 """
 
 from __future__ import annotations
@@ -318,8 +319,3 @@ def _phase(spec: Body, status: Body) -> tuple[ChildPhase, str]:
     if any((job.get("ready") or 0) > 0 or (job.get("succeeded") or 0) > 0 for job in jobs):
         return ChildPhase.RUNNING, ""
     return ChildPhase.PENDING, ""
-
-
-def suspend_spec() -> Body:
-    """The spec part of the merge patch that suspends a TrainJob (its JobSet's pods go)."""
-    return {"suspend": True}
